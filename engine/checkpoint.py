@@ -1,0 +1,121 @@
+"""Load a Hugging Face checkpoint directory (config.json + safetensors) into our model code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelArgs
+from engine.errors import CheckpointError
+from engine.model import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
+    """`auto` follows config.json, except float16 on CPU (slow there) runs as float32."""
+    if dtype == "auto":
+        name = args.torch_dtype if args.torch_dtype in DTYPES else "float32"
+        if name == "float16" and device.type == "cpu":
+            name = "float32"
+        return DTYPES[name]
+    if dtype not in DTYPES:
+        raise CheckpointError(
+            f"dtype {dtype!r} is not supported (expected auto, {', '.join(DTYPES)})",
+            file="<load_model>",
+            field="dtype",
+        )
+    return DTYPES[dtype]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single or sharded."""
+    single, index = path / SINGLE_FILE, path / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}", file=str(path))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"invalid index ({e})", file=str(index), field="weight_map") from e
+    files = sorted({path / name for name in weight_map.values()})
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError("shard listed in the index is missing", file=str(f))
+    return files
+
+
+def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
+    """Bytes the weights take once loaded in `dtype`, read from safetensors headers only."""
+    total = 0
+    for f in weight_files(path):
+        with safe_open(f, framework="pt") as st:
+            names = st.keys()
+            total += sum(math.prod(st.get_slice(n).get_shape()) for n in names)
+    return total * dtype.itemsize
+
+
+def load_state_dict(
+    path: Path, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, cast to dtype, on device."""
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        try:
+            with safe_open(f, framework="pt", device="cpu") as st:
+                names = st.keys()
+                for name in names:
+                    state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read safetensors ({e})", file=str(f)) from e
+    return state
+
+
+def load_model(path: str | Path, dtype: str, device: torch.device) -> tuple[ModelArgs, Transformer]:
+    """Build the model for a checkpoint directory and load its weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError("checkpoint directory not found", file=str(path))
+    args = ModelArgs.from_dir(path)
+    torch_dtype = resolve_dtype(dtype, args, device)
+    state = load_state_dict(path, torch_dtype, device)
+    with torch.device("meta"):
+        model = Transformer(args)
+    _check_keys(model, state, args, path)
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return args, model.eval().requires_grad_(False)
+
+
+def _check_keys(model: Transformer, state: dict, args: ModelArgs, path: Path) -> None:
+    expected = set(model.state_dict().keys())
+    optional = {"lm_head.weight"} if args.tie_word_embeddings else set()
+    missing = sorted(expected - optional - state.keys())
+    if missing:
+        raise CheckpointError(
+            f"tensor missing from the weights ({len(missing)} missing in all)",
+            file=str(weight_files(path)[0]),
+            field=missing[0],
+        )
+    for name in expected & state.keys():
+        want = tuple(model.state_dict()[name].shape)
+        if tuple(state[name].shape) != want:
+            raise CheckpointError(
+                f"shape {tuple(state[name].shape)} does not match config.json ({want})",
+                file=str(weight_files(path)[0]),
+                field=name,
+            )
+    extra = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        log.warning("%s: ignoring %d unexpected tensors, e.g. %s", path, len(extra), extra[0])

@@ -1,0 +1,435 @@
+"""The engine: several base models in one process under one memory budget, each with its own
+scheduler and KV pool, stepped by one background thread; sync and async front doors."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import checkpoint_bytes, load_model, resolve_dtype
+from engine.config import ModelArgs
+from engine.errors import (
+    CheckpointError,
+    EngineError,
+    InvalidRequestError,
+    MemoryBudgetError,
+    ModelAlreadyLoadedError,
+    ModelNotFoundError,
+)
+from engine.kv_cache import BlockManager, KVCache, block_bytes
+from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler, Sequence
+from engine.tokenizer import Tokenizer
+from engine.worker import ModelInfo, ModelWorker, Sink
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_KV_TOKENS = 32768  # per model when num_blocks is not given, capped by the budget
+
+
+def default_device() -> torch.device:
+    """CUDA when there is one, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """90% of GPU memory, or half of the memory the OS reports available."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1] * 0.9)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+class Engine:
+    """Multi-model inference engine with paged KV caches and continuous batching."""
+
+    def __init__(self, memory_budget_bytes: int | None = None, device: str | None = None) -> None:
+        self.device = torch.device(device) if device else default_device()
+        self.memory_budget_bytes = memory_budget_bytes or default_memory_budget(self.device)
+        self._workers: dict[str, ModelWorker] = {}
+        self._lock = threading.RLock()
+        self._commands: deque = deque()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    # -- models ------------------------------------------------------------------------------
+
+    @property
+    def memory_used_bytes(self) -> int:
+        """Weights plus KV caches of the loaded models."""
+        with self._lock:
+            return sum(w.info.weight_bytes + w.info.kv_cache_bytes for w in self._workers.values())
+
+    def load_model(
+        self,
+        name: str,
+        path: str | Path,
+        dtype: str = "auto",
+        *,
+        max_model_len: int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        prefix_caching: bool = True,
+    ) -> ModelInfo:
+        """Load a Hugging Face checkpoint directory under `name`; it serves at once."""
+        with self._lock:
+            if name in self._workers:
+                raise ModelAlreadyLoadedError(name)
+            path = Path(path)
+            args = ModelArgs.from_dir(path)
+            torch_dtype = resolve_dtype(dtype, args, self.device)
+            weights = checkpoint_bytes(path, torch_dtype)
+            max_len = _max_model_len(args, max_model_len)
+            num_blocks = self._num_blocks(
+                args=args,
+                weights=weights,
+                max_len=max_len,
+                block_size=block_size,
+                dtype=torch_dtype,
+                requested=num_blocks,
+            )
+            tokenizer = Tokenizer.from_dir(path)
+            args, model = load_model(path, dtype, self.device)
+            model.setup_rope(max_len)
+            cache = KVCache(args, num_blocks, block_size, torch_dtype, self.device)
+            blocks = BlockManager(num_blocks, block_size, prefix_caching)
+            info = ModelInfo(
+                name=name,
+                path=str(path),
+                architecture=args.architecture,
+                dtype=str(torch_dtype).removeprefix("torch."),
+                max_model_len=max_len,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                weight_bytes=weights,
+                kv_cache_bytes=cache.nbytes,
+                vocab_size=args.vocab_size,
+                num_parameters=sum(p.numel() for p in model.parameters()),
+            )
+            scheduler = Scheduler(blocks, max_num_seqs, max(max_num_batched_tokens, block_size))
+            self._workers[name] = ModelWorker(
+                info=info,
+                args=args,
+                model=model,
+                tokenizer=tokenizer,
+                cache=cache,
+                scheduler=scheduler,
+                device=self.device,
+            )
+            log.info("loaded %s from %s: %s", name, path, info)
+            return info
+
+    def _num_blocks(
+        self,
+        *,
+        args: ModelArgs,
+        weights: int,
+        max_len: int,
+        block_size: int,
+        dtype: torch.dtype,
+        requested: int | None,
+    ) -> int:
+        free = self.memory_budget_bytes - self.memory_used_bytes - weights
+        per_block = block_bytes(args, block_size, dtype)
+        needed = -(-max_len // block_size)
+        if requested is None:
+            requested = min(max(needed, -(-DEFAULT_KV_TOKENS // block_size)), free // per_block)
+        if requested * per_block > free or free <= 0:
+            raise MemoryBudgetError(
+                f"weights ({weights} B) and {requested} KV blocks ({requested * per_block} B) do not "
+                f"fit the {free + weights} B left of the engine's memory budget"
+            )
+        if requested < 1:
+            raise MemoryBudgetError("no KV cache block fits the memory budget")
+        return requested
+
+    def unload_model(self, name: str) -> None:
+        """Abort the model's requests and free its memory."""
+        with self._lock:
+            worker = self._workers.pop(name, None)
+            if worker is None:
+                raise ModelNotFoundError(name)
+            worker.abort_all(reason="abort", error=f"model {name!r} was unloaded")
+        del worker
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def model_names(self) -> list[str]:
+        """Names of the loaded models."""
+        with self._lock:
+            return list(self._workers)
+
+    def model_info(self, name: str) -> ModelInfo:
+        """Facts about a loaded model."""
+        return self._worker(name).info
+
+    def tokenizer(self, name: str) -> Tokenizer:
+        """The tokenizer of a loaded model."""
+        return self._worker(name).tokenizer
+
+    def block_manager(self, name: str) -> BlockManager:
+        """The KV block manager of a loaded model (for metrics and tests)."""
+        return self._worker(name).blocks
+
+    def _worker(self, name: str) -> ModelWorker:
+        with self._lock:
+            worker = self._workers.get(name)
+        if worker is None:
+            raise ModelNotFoundError(name)
+        return worker
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> str:
+        """Validate and queue a request; deltas go to `sink` from the engine thread."""
+        return self._submit(request, sink)[0]
+
+    def _submit(self, request: GenerationRequest, sink: Sink) -> tuple[str, list[int]]:
+        """Queue a request; returns its id and prompt ids (copied: the engine thread appends)."""
+        worker = self._worker(request.model)
+        seq = self._sequence(worker, request)
+        prompt_ids = seq.token_ids[:]
+        self._commands.append(("add", request.model, seq, request.params, sink))
+        self._ensure_thread()
+        self._wake.set()
+        return seq.request_id, prompt_ids
+
+    def _sequence(self, worker: ModelWorker, request: GenerationRequest) -> Sequence:
+        params = request.params
+        params.validate(worker.info.max_model_len)
+        ids = self._prompt_ids(worker, request)
+        limit = worker.info.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context length ({limit})",
+                param="max_tokens",
+            )
+        total = len(ids) + params.max_tokens
+        if -(-total // worker.info.block_size) > worker.info.num_blocks:
+            raise InvalidRequestError(
+                f"request needs {total} tokens of KV cache; the pool holds "
+                f"{worker.info.num_blocks * worker.info.block_size}",
+                param="max_tokens",
+            )
+        request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        return Sequence(request_id, ids, len(ids), total)
+
+    @staticmethod
+    def _prompt_ids(worker: ModelWorker, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            if any(not 0 <= t < worker.info.vocab_size for t in ids):
+                raise InvalidRequestError("token id outside the vocabulary", param="prompt")
+        elif request.prompt is not None:
+            ids = worker.tokenizer.encode(request.prompt)
+        else:
+            raise InvalidRequestError("give prompt or prompt_token_ids", param="prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its sink gets a final delta with finish_reason "abort"."""
+        self._commands.append(("abort", request_id))
+        self._wake.set()
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        model: str | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion through the scheduler (blocking); outputs in prompt order."""
+        model = model or self._only_model()
+        params_list = _broadcast(params, len(prompts))
+        outputs, done = [], []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            req = _request(model, prompt, p)
+            out = RequestOutput(
+                request_id="",
+                prompt=req.prompt,
+                prompt_token_ids=[],
+                arrival_time=time.perf_counter(),
+            )
+            event = threading.Event()
+            out.request_id, out.prompt_token_ids = self._submit(req, _collector(out, event))
+            outputs.append(out)
+            done.append(event)
+        for event in done:
+            event.wait()
+        for out in outputs:
+            if out.finish_reason == "error":
+                raise EngineError(f"request {out.request_id} failed")
+        return outputs
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """Async stream of deltas; the request is aborted if the consumer stops early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        request_id = self.submit(request, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finished
+                if delta.error is not None and delta.finish_reason == "error":
+                    raise EngineError(delta.error)
+                yield delta
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def logits(self, name: str, token_ids: Seq[int]) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] (float32, CPU) of one forward pass over the tokens."""
+        worker = self._worker(name)
+        if not token_ids:
+            raise InvalidRequestError("no tokens", param="token_ids")
+        with self._lock:
+            return worker.runner.logits_standalone(list(token_ids)).cpu()
+
+    def _only_model(self) -> str:
+        names = self.model_names()
+        if len(names) != 1:
+            raise InvalidRequestError("name the model: several or none are loaded", param="model")
+        return names[0]
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._stopped:
+                raise EngineError("the engine is shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._wake.clear()
+            self._drain_commands()
+            if not self._step_all():
+                self._wake.wait(timeout=1.0)
+
+    def _drain_commands(self) -> None:
+        while self._commands:
+            cmd = self._commands.popleft()
+            with self._lock:
+                if cmd[0] == "add":
+                    self._add(*cmd[1:])
+                else:
+                    for worker in self._workers.values():
+                        worker.abort(cmd[1])
+
+    def _add(self, model: str, seq: Sequence, params: SamplingParams, sink: Sink) -> None:
+        worker = self._workers.get(model)
+        if worker is None:  # unloaded between submit and now
+            sink(
+                StreamDelta(
+                    seq.request_id,
+                    "",
+                    [],
+                    None,
+                    True,
+                    "abort",
+                    seq.num_prompt_tokens,
+                    0,
+                    error=f"model {model!r} was unloaded",
+                )
+            )
+            return
+        worker.add(seq, params, sink)
+
+    def _step_all(self) -> bool:
+        busy = False
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            with self._lock:
+                if not worker.scheduler.has_work():
+                    continue
+                busy = True
+                self._step(worker)
+        return busy
+
+    def _step(self, worker: ModelWorker) -> None:
+        try:
+            worker.step()
+        except Exception as e:  # fail this model's requests, keep the engine serving
+            log.exception("engine step of %s failed", worker.info.name)
+            worker.abort_all(reason="error", error=f"{type(e).__name__}: {e}")
+
+    def shutdown(self) -> None:
+        """Stop the loop thread and abort every request."""
+        with self._lock:
+            self._stopped = True
+            for worker in self._workers.values():
+                worker.abort_all()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _max_model_len(args: ModelArgs, requested: int | None) -> int:
+    if requested is None:
+        return min(args.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    if not 0 < requested <= args.max_position_embeddings:
+        raise CheckpointError(
+            f"max_model_len {requested} exceeds max_position_embeddings "
+            f"({args.max_position_embeddings})",
+            file="config.json",
+            field="max_position_embeddings",
+        )
+    return requested
+
+
+def _broadcast(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise InvalidRequestError("one SamplingParams per prompt, or one for all", param="params")
+    return list(params)
+
+
+def _request(model: str, prompt, params: SamplingParams) -> GenerationRequest:
+    if isinstance(prompt, str):
+        return GenerationRequest(model=model, prompt=prompt, params=params)
+    return GenerationRequest(model=model, prompt_token_ids=list(prompt), params=params)
+
+
+def _collector(out: RequestOutput, event: threading.Event) -> Sink:
+    def sink(delta: StreamDelta) -> None:
+        out.add(delta, time.perf_counter())
+        if delta.finished:
+            event.set()
+
+    return sink

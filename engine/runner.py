@@ -1,0 +1,120 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged cache, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.kv_cache import KVCache
+from engine.model import AttentionMetadata, Transformer
+from engine.scheduler import ScheduledBatch
+
+
+@dataclass
+class StepInput:
+    """Flattened tokens of one step and where their results go."""
+
+    input_ids: Tensor  # [T]
+    positions: Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: Tensor  # [N] rows of T whose logits are sampled (last new token of a sequence)
+    sample_mask: list[bool]  # per batch item: does it sample a token this step
+
+
+class ModelRunner:
+    """Owns a model and its KV cache; executes one step at a time."""
+
+    def __init__(self, model: Transformer, cache: KVCache, device: torch.device) -> None:
+        self.model, self.cache, self.device = model, cache, device
+        self.block_size = cache.block_size
+        self.sliding_window = model.args.sliding_window
+        # The Triton kernel serves decode on GPU; on CPU one padded SDPA handles every batch.
+        self.use_decode_kernel = device.type == "cuda"
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[Tensor, list[bool]]:
+        """Run the model on the batch: logits [N, vocab] for the sequences that sample."""
+        step = self.prepare(batch)
+        hidden = self.model(step.input_ids, step.positions, step.meta, self.cache.layers)
+        return self.model.compute_logits(hidden[step.sample_rows]), step.sample_mask
+
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
+        """Build the step's token, position, slot and block-table tensors."""
+        ids, positions, slots, qlens, starts, tables, sample_mask = [], [], [], [], [], [], []
+        bs = self.block_size
+        for seq, n in batch.items:
+            start = seq.num_computed
+            ids.extend(seq.token_ids[start : start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)
+            qlens.append(n)
+            starts.append(start)
+            tables.append(seq.block_table)
+            sample_mask.append(start + n == seq.num_tokens)
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        query_lens = torch.tensor(qlens)
+        ends = torch.cumsum(query_lens, 0)
+        meta = self._metadata(
+            query_lens, torch.tensor(starts) + query_lens, ends, table, torch.tensor(slots)
+        )
+        rows = (ends - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
+        return StepInput(
+            input_ids=torch.tensor(ids, device=self.device),
+            positions=torch.tensor(positions, device=self.device),
+            meta=meta,
+            sample_rows=rows.to(self.device),
+            sample_mask=sample_mask,
+        )
+
+    def _metadata(self, qlens: Tensor, ctx: Tensor, ends: Tensor, table: Tensor, slots: Tensor):
+        b, q = len(qlens), int(qlens.max())
+        decode_only = q == 1
+        col = torch.arange(q)
+        valid = col[None, :] < qlens[:, None]  # [B, Q]
+        query_index = torch.where(valid, (ends - qlens)[:, None] + col[None, :], 0)
+        flat_index = (torch.arange(b)[:, None] * q + col[None, :])[valid]
+        mask = None
+        if not (decode_only and self.use_decode_kernel):
+            mask = self._mask(qlens, ctx, valid, int(ctx.max()))
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=slots.to(dev),
+            block_tables=table.to(dev),
+            context_lens=ctx.int().to(dev),
+            query_index=query_index.to(dev),
+            flat_index=flat_index.to(dev),
+            attn_mask=None if mask is None else mask.to(dev),
+            max_context=int(ctx.max()),
+            decode_only=decode_only,
+        )
+
+    def _mask(self, qlens: Tensor, ctx: Tensor, valid: Tensor, k: int) -> Tensor:
+        """[B, 1, Q, K]: causal over each sequence's context (and window); pads see key 0."""
+        qpos = (ctx - qlens)[:, None] + torch.arange(valid.shape[1])[None, :]  # [B, Q]
+        kpos = torch.arange(k)
+        mask = kpos[None, None, :] <= qpos[:, :, None]
+        if self.sliding_window is not None:
+            mask &= kpos[None, None, :] > qpos[:, :, None] - self.sliding_window
+        mask &= valid[:, :, None]
+        mask[:, :, 0] |= ~valid  # an all-masked row would make softmax NaN
+        return mask[:, None]
+
+    @torch.inference_mode()
+    def logits_standalone(self, token_ids: list[int]) -> Tensor:
+        """Logits for every position of one sequence, in a private cache (pool untouched)."""
+        from engine.scheduler import Sequence
+
+        n = len(token_ids)
+        nblocks = -(-n // self.block_size)
+        args = self.model.args
+        private = KVCache(
+            args, nblocks, self.block_size, self.cache.layers[0][0].dtype, self.device
+        )
+        seq = Sequence("logits", list(token_ids), n, n, block_table=list(range(nblocks)))
+        step = self.prepare(ScheduledBatch([(seq, n)], []))
+        hidden = self.model(step.input_ids, step.positions, step.meta, private.layers)
+        return self.model.compute_logits(hidden)
