@@ -6,6 +6,7 @@ state dict loads as it is and PEFT adapters name the same modules.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,14 @@ from torch import Tensor, nn
 from engine.config import ModelArgs
 
 
+class AttnMode(enum.Enum):
+    """Which attention path a step takes (chosen once per step by the runner)."""
+
+    FRESH = "fresh"  # one sequence, empty cache: causal attention over the new tokens alone
+    GATHER = "gather"  # read contexts through block tables; mask only when shapes need one
+    KERNEL = "kernel"  # decode-only batch on GPU: the Triton paged-attention kernel
+
+
 @dataclass
 class AttentionMetadata:
     """How the flattened new tokens of one step map onto sequences and KV-cache slots.
@@ -23,16 +32,15 @@ class AttentionMetadata:
     T new tokens in total, B sequences, Q = most new tokens of any sequence, K = longest context.
     """
 
-    slot_mapping: (
-        Tensor  # [T] int64: flat cache slot (block * block_size + offset) of each new token
-    )
+    mode: AttnMode
+    slot_mapping: Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
     block_tables: Tensor  # [B, max_blocks] int32
+    flat_blocks: Tensor  # [B * max_blocks] int64: block_tables flattened, for index_select
     context_lens: Tensor  # [B] int32: tokens in the cache after this step
-    query_index: Tensor  # [B, Q] int64: row of each sequence's i-th new token in T (0 when padded)
+    query_index: Tensor  # [B, Q] int64: row of each sequence's i-th new token in T (0 if padded)
     flat_index: Tensor  # [T] int64: position of each new token in the padded [B * Q] layout
-    attn_mask: Tensor | None  # [B, 1, Q, K] bool, True = may attend; None on the decode kernel path
+    attn_mask: Tensor | None  # [B, 1, Q, K] additive (0 / -inf) in the model dtype, or None
     max_context: int  # K
-    decode_only: bool  # every sequence has exactly one new token
 
 
 class RMSNorm(nn.Module):
@@ -117,11 +125,24 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, H_kv, D]
         k_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        if meta.attn_mask is None:
+        if meta.mode is AttnMode.FRESH:
+            out = self._attend_fresh(q, k, v)
+        elif meta.mode is AttnMode.KERNEL:
             out = self._decode_kernel(q, k_cache, v_cache, meta)
         else:
-            out = self._attend_padded(q, k_cache, v_cache, meta)
+            out = self._attend_gathered(q, k_cache, v_cache, meta)
         return self.o_proj(out.reshape(t, -1))
+
+    def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),  # [H, T, D]
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            is_causal=True,
+            scale=self.scale,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return out.transpose(0, 1)  # [T, H, D]
 
     def _decode_kernel(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta) -> Tensor:
         from engine.kernels.paged_attention import paged_attention
@@ -132,11 +153,11 @@ class Attention(nn.Module):
             v_cache,
             meta.block_tables,
             meta.context_lens,
-            self.scale,
-            self.sliding_window,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
         )
 
-    def _attend_padded(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta) -> Tensor:
+    def _attend_gathered(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta) -> Tensor:
         b, qn = meta.query_index.shape
         q = q[meta.query_index].transpose(1, 2)  # q: [B, H, Q, D]
         k = _gather_context(k_cache, meta)  # k: [B, H_kv, K, D]
@@ -155,8 +176,10 @@ class Attention(nn.Module):
 
 def _gather_context(cache: Tensor, meta: AttentionMetadata) -> Tensor:
     """Read each sequence's first K cached tokens through its block table: [B, H_kv, K, D]."""
-    blocks = cache[meta.block_tables]  # [B, max_blocks, block_size, H_kv, D]
-    b, nb, bs, h, d = blocks.shape
+    # index_select, not advanced indexing: the latter is 100x slower on CPU here.
+    b, nb = meta.block_tables.shape
+    _, bs, h, d = cache.shape
+    blocks = cache.index_select(0, meta.flat_blocks)  # [B * max_blocks, block_size, H_kv, D]
     return blocks.view(b, nb * bs, h, d)[:, : meta.max_context].transpose(1, 2)
 
 

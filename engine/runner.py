@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from engine.kv_cache import KVCache
-from engine.model import AttentionMetadata, Transformer
+from engine.model import AttentionMetadata, AttnMode, Transformer
 from engine.scheduler import ScheduledBatch
 
 
@@ -32,6 +32,7 @@ class ModelRunner:
         self.sliding_window = model.args.sliding_window
         # The Triton kernel serves decode on GPU; on CPU one padded SDPA handles every batch.
         self.use_decode_kernel = device.type == "cuda"
+        self.dtype = cache.layers[0][0].dtype
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[Tensor, list[bool]]:
@@ -71,36 +72,51 @@ class ModelRunner:
         )
 
     def _metadata(self, qlens: Tensor, ctx: Tensor, ends: Tensor, table: Tensor, slots: Tensor):
-        b, q = len(qlens), int(qlens.max())
-        decode_only = q == 1
+        b, q, k = len(qlens), int(qlens.max()), int(ctx.max())
         col = torch.arange(q)
         valid = col[None, :] < qlens[:, None]  # [B, Q]
         query_index = torch.where(valid, (ends - qlens)[:, None] + col[None, :], 0)
         flat_index = (torch.arange(b)[:, None] * q + col[None, :])[valid]
-        mask = None
-        if not (decode_only and self.use_decode_kernel):
-            mask = self._mask(qlens, ctx, valid, int(ctx.max()))
+        mode, mask = self._mode(b, q, k), None
+        if mode is AttnMode.GATHER and self._needs_mask(b, q, k):
+            mask = self._mask(qlens, ctx, valid, k)
         dev = self.device
         return AttentionMetadata(
+            mode=mode,
             slot_mapping=slots.to(dev),
             block_tables=table.to(dev),
+            flat_blocks=table.flatten().long().to(dev),
             context_lens=ctx.int().to(dev),
             query_index=query_index.to(dev),
             flat_index=flat_index.to(dev),
             attn_mask=None if mask is None else mask.to(dev),
-            max_context=int(ctx.max()),
-            decode_only=decode_only,
+            max_context=k,
         )
 
+    def _mode(self, b: int, q: int, k: int) -> AttnMode:
+        if b == 1 and q == k and self._window_covers(k):
+            return AttnMode.FRESH
+        if q == 1 and self.use_decode_kernel:
+            return AttnMode.KERNEL
+        return AttnMode.GATHER
+
+    def _needs_mask(self, b: int, q: int, k: int) -> bool:
+        # One sequence decoding one token sees its whole context: nothing to mask.
+        return not (b == 1 and q == 1 and self._window_covers(k))
+
+    def _window_covers(self, k: int) -> bool:
+        return self.sliding_window is None or k <= self.sliding_window
+
     def _mask(self, qlens: Tensor, ctx: Tensor, valid: Tensor, k: int) -> Tensor:
-        """[B, 1, Q, K]: causal over each sequence's context (and window); pads see key 0."""
+        """Additive [B, 1, Q, K]: causal over each sequence's context (and window); pads see key 0."""
         qpos = (ctx - qlens)[:, None] + torch.arange(valid.shape[1])[None, :]  # [B, Q]
         kpos = torch.arange(k)
-        mask = kpos[None, None, :] <= qpos[:, :, None]
+        allowed = kpos[None, None, :] <= qpos[:, :, None]
         if self.sliding_window is not None:
-            mask &= kpos[None, None, :] > qpos[:, :, None] - self.sliding_window
-        mask &= valid[:, :, None]
-        mask[:, :, 0] |= ~valid  # an all-masked row would make softmax NaN
+            allowed &= kpos[None, None, :] > qpos[:, :, None] - self.sliding_window
+        allowed &= valid[:, :, None]
+        allowed[:, :, 0] |= ~valid  # an all-masked row would make softmax NaN
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
         return mask[:, None]
 
     @torch.inference_mode()
@@ -111,9 +127,7 @@ class ModelRunner:
         n = len(token_ids)
         nblocks = -(-n // self.block_size)
         args = self.model.args
-        private = KVCache(
-            args, nblocks, self.block_size, self.cache.layers[0][0].dtype, self.device
-        )
+        private = KVCache(args, nblocks, self.block_size, self.dtype, self.device)
         seq = Sequence("logits", list(token_ids), n, n, block_table=list(range(nblocks)))
         step = self.prepare(ScheduledBatch([(seq, n)], []))
         hidden = self.model(step.input_ids, step.positions, step.meta, private.layers)

@@ -113,8 +113,9 @@ def test_stop_strings_truncate_text(eng):
     base = eng.generate(["The"], GREEDY, model="tiny")[0]
     stop = base.text[4:7]
     assert stop and stop not in base.text[:4]
-    out = eng.generate(["The"], SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,)),
-                       model="tiny")[0]
+    out = eng.generate(
+        ["The"], SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,)), model="tiny"
+    )[0]
     assert out.finish_reason == "stop"
     assert out.text == base.text[: base.text.index(stop)]
 
@@ -188,4 +189,6 @@ def test_request_errors_name_the_parameter(eng):
 def test_block_bytes_matches_the_cache(eng):
     info = eng.model_info("tiny")
     w = eng._worker("tiny")
-    assert info.kv_cache_bytes == info.num_blocks * block_bytes(w.args, info.block_size, w.cache.layers[0][0].dtype)
+    assert info.kv_cache_bytes == info.num_blocks * block_bytes(
+        w.args, info.block_size, w.cache.layers[0][0].dtype
+    )

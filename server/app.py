@@ -1,0 +1,86 @@
+"""The litestar application: routes, dependencies, error handling and the engine's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import ServiceUnavailableException
+from litestar.openapi import OpenAPIConfig
+
+from engine import Engine
+from server.config import LimitsConfig, ServerConfig
+from server.errors import handle_exception
+from server.health import HealthController
+from server.openai_api import OpenAIController
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+def create_app(config: ServerConfig, engine: Engine | None = None) -> Litestar:
+    """The app; without `engine`, the lifespan creates one and loads the configured models."""
+    return Litestar(
+        route_handlers=[OpenAIController, HealthController],
+        dependencies={
+            "engine": Provide(provide_engine, sync_to_thread=False),
+            "limits": Provide(provide_limits, sync_to_thread=False),
+        },
+        lifespan=[_engine_lifespan],
+        state=State({"config": config, "given_engine": engine}),
+        exception_handlers={Exception: handle_exception},
+        request_max_body_size=config.limits.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="compound", version=VERSION),
+        # Logging belongs to the process (the CLI configures it), not to the app.
+        logging_config=None,
+    )
+
+
+def provide_engine(state: State) -> Engine:
+    """The running engine; 503 while it is starting or after shutdown."""
+    engine = state.get("engine")
+    if engine is None:
+        raise ServiceUnavailableException("the engine is not running")
+    return engine
+
+
+def provide_limits(state: State) -> LimitsConfig:
+    """The request limits of the server configuration."""
+    return state.config.limits
+
+
+@asynccontextmanager
+async def _engine_lifespan(app: Litestar) -> AsyncIterator[None]:
+    # An engine passed to create_app belongs to the caller: only one made here is shut down.
+    given: Engine | None = app.state.given_engine
+    engine = given or start_engine(app.state.config)
+    app.state.engine = engine
+    try:
+        yield
+    finally:
+        app.state.engine = None
+        if given is None:
+            engine.shutdown()
+            logger.info("engine shut down")
+
+
+def start_engine(config: ServerConfig) -> Engine:
+    """An engine with the configured models loaded; missing checkpoints are skipped."""
+    engine = Engine(
+        memory_budget_bytes=config.engine.memory_budget_bytes, device=config.engine.device
+    )
+    for model in config.models:
+        if not Path(model.path).exists():
+            logger.warning(
+                "model %s: checkpoint %s does not exist; skipped", model.name, model.path
+            )
+            continue
+        engine.load_model(model.name, model.path, **model.load_kwargs())
+    logger.info("engine ready on %s with models %s", engine.device, engine.model_names())
+    return engine

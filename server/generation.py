@@ -1,0 +1,254 @@
+"""Running one API request's choices on the engine: params, merged streams, abort, deadline.
+
+An OpenAI request with `n` choices (and, for completions, several prompts) becomes one
+engine request per choice. Their delta streams are merged into one stream of
+`(choice_index, delta)`; when the consumer stops early, times out or the client goes
+away, every engine request still running is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request
+
+from engine import Engine, GenerationRequest, InvalidRequestError, SamplingParams, StreamDelta
+from engine.tokenizer import Tokenizer
+from server.config import LimitsConfig
+from server.errors import ClientDisconnectedError, RequestTimeoutError
+from server.openai_types import SamplingFields
+
+T = TypeVar("T")
+
+# Queue items: a delta, None when a choice's stream ended, or the error that ended it.
+_Item = tuple[int, StreamDelta | None] | BaseException
+
+
+@dataclass(frozen=True)
+class Job:
+    """One API request, ready for the engine: one engine request per choice."""
+
+    id: str
+    created: int
+    model: str
+    tokenizer: Tokenizer
+    prompts: list[list[int]]
+    requests: list[GenerationRequest]
+    include_usage: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens as OpenAI counts them: each prompt once, whatever `n` is."""
+        return sum(len(p) for p in self.prompts)
+
+
+def new_job(
+    prefix: str,
+    engine: Engine,
+    req: SamplingFields,
+    prompts: list[list[int]],
+    params: list[list[SamplingParams]],
+) -> Job:
+    """Build a job; `params[i]` are the SamplingParams of the choices of `prompts[i]`."""
+    job_id = f"{prefix}-{uuid.uuid4().hex}"
+    requests = [
+        GenerationRequest(
+            model=req.model,
+            prompt_token_ids=prompt,
+            params=p,
+            request_id=f"{job_id}-{i * req.n + j}",
+        )
+        for i, (prompt, choice_params) in enumerate(zip(prompts, params, strict=True))
+        for j, p in enumerate(choice_params)
+    ]
+    return Job(
+        id=job_id,
+        created=int(time.time()),
+        model=req.model,
+        tokenizer=engine.tokenizer(req.model),
+        prompts=prompts,
+        requests=requests,
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+    )
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The request's completion-length field and its value, and the name of its prompt field."""
+
+    param: str
+    requested: int | None
+    prompt_param: str
+
+
+def choice_params(
+    engine: Engine,
+    req: SamplingFields,
+    prompt_len: int,
+    limits: LimitsConfig,
+    *,
+    budget: TokenBudget,
+    logprobs: int | None,
+) -> list[SamplingParams]:
+    """SamplingParams of the `n` choices of one prompt, validated against the model."""
+    info = engine.model_info(req.model)
+    room = min(info.max_model_len, info.num_blocks * info.block_size) - prompt_len
+    max_tokens = _max_tokens(budget, prompt_len=prompt_len, room=room, limit=limits.max_tokens)
+    optional = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "repetition_penalty": req.repetition_penalty,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "min_tokens": req.min_tokens,
+    }
+    base = SamplingParams(
+        max_tokens=max_tokens,
+        stop=_stops(req.stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        seed=req.seed,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    base.validate(info.max_model_len)
+    # Choice i gets seed + i: with one shared seed every choice would be the same text.
+    return [
+        base if req.seed is None or i == 0 else _with_seed(base, req.seed + i) for i in range(req.n)
+    ]
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return msgspec.structs.replace(params, seed=seed)
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _max_tokens(budget: TokenBudget, *, prompt_len: int, room: int, limit: int) -> int:
+    """The completion length: as requested, or all the context left up to the server's limit."""
+    context = prompt_len + room
+    requested, param = budget.requested, budget.param
+    if room < 1:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context} tokens, and the prompt alone "
+            f"is {prompt_len} tokens. Please reduce the length of the prompt.",
+            param=budget.prompt_param,
+        )
+    if requested is None:
+        return min(limit, room)
+    if requested > limit:
+        raise InvalidRequestError(
+            f"{param} must be at most {limit} on this server, got {requested}", param=param
+        )
+    if requested > room:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
+            f"completion). Please reduce the length of the prompt or completion.",
+            param=param,
+        )
+    return requested
+
+
+async def run_job(
+    engine: Engine, job: Job, timeout_s: float | None
+) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """Merged deltas of all choices until every one finished; aborts the rest on exit."""
+    queue: asyncio.Queue[_Item] = asyncio.Queue()
+    tasks = [
+        asyncio.create_task(_pump(engine, i, request, queue))
+        for i, request in enumerate(job.requests)
+    ]
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    running = len(tasks)
+    finished: set[int] = set()
+    try:
+        while running:
+            item = await _next(queue, deadline, timeout_s)
+            if isinstance(item, BaseException):
+                raise item
+            index, delta = item
+            if delta is None:
+                running -= 1
+                continue
+            if delta.finished:
+                finished.add(index)
+            yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        for index, request in enumerate(job.requests):
+            if index not in finished:
+                engine.abort(request.request_id or "")
+
+
+async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Start `stream` now, so errors before its first item are raised here, not mid-response."""
+    first = await anext(stream)
+
+    async def rest() -> AsyncIterator[T]:
+        yield first
+        async for item in stream:
+            yield item
+
+    return rest()
+
+
+async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    if task.cancelled():
+        raise ClientDisconnectedError
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
+    # The body is already read: the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _pump(
+    engine: Engine, index: int, request: GenerationRequest, queue: asyncio.Queue[_Item]
+) -> None:
+    try:
+        async for delta in engine.stream(request):
+            queue.put_nowait((index, delta))
+        queue.put_nowait((index, None))
+    except Exception as e:
+        queue.put_nowait(e)
+
+
+async def _next(
+    queue: asyncio.Queue[_Item], deadline: float | None, timeout_s: float | None
+) -> _Item:
+    if deadline is None or timeout_s is None:
+        return await queue.get()
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(queue.get(), max(remaining, 0.0))
+    except TimeoutError:
+        raise RequestTimeoutError(timeout_s) from None

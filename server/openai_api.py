@@ -1,0 +1,108 @@
+"""OpenAI-compatible endpoints over the engine: completions, chat completions, models."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import JSONBody
+from litestar.response import Stream
+from litestar.status_codes import HTTP_200_OK
+
+from engine import Engine
+from server.config import LimitsConfig
+from server.generation import primed, run_job, until_disconnected
+from server.openai_serving import (
+    chat_events,
+    chat_job,
+    chat_response,
+    collect,
+    completion_events,
+    completion_job,
+    completion_response,
+)
+from server.openai_types import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+
+EVENT_STREAM = "text/event-stream"
+# Proxies must not buffer the event stream.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STREAMED = "; with `stream: true`, `text/event-stream` chunks of the same shape"
+ERRORS = {
+    400: ResponseSpec(ErrorResponse, description="Invalid request"),
+    404: ResponseSpec(ErrorResponse, description="Unknown model"),
+}
+
+
+class OpenAIController(Controller):
+    """`/v1/completions`, `/v1/chat/completions` and `/v1/models`, in OpenAI's shapes."""
+
+    path = "/v1"
+    tags = ("openai",)
+
+    @get("/models")
+    async def list_models(self, engine: NamedDependency[Engine]) -> ModelList:
+        """The models the engine has loaded."""
+        now = int(time.time())
+        return ModelList(data=[ModelCard(id=name, created=now) for name in engine.model_names()])
+
+    # Annotated as Response so that a Stream keeps its own media type; `responses` documents it.
+    @post(
+        "/completions",
+        status_code=HTTP_200_OK,
+        responses={
+            200: ResponseSpec(CompletionResponse, description="The completion" + STREAMED),
+            **ERRORS,
+        },
+    )
+    async def create_completion(
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[CompletionRequest],
+        engine: NamedDependency[Engine],
+        limits: NamedDependency[LimitsConfig],
+    ) -> Response[Any]:
+        """Complete a prompt; with `stream`, server-sent events in OpenAI's chunk format."""
+        job = completion_job(engine, data, limits)
+        if data.stream:
+            deltas = await primed(run_job(engine, job, limits.request_timeout_s))
+            return _event_stream(completion_events(job, deltas))
+        outputs = await until_disconnected(request, collect(engine, job, limits.request_timeout_s))
+        return Response(completion_response(job, outputs))
+
+    @post(
+        "/chat/completions",
+        status_code=HTTP_200_OK,
+        responses={
+            200: ResponseSpec(ChatCompletionResponse, description="The answer" + STREAMED),
+            **ERRORS,
+        },
+    )
+    async def create_chat_completion(
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ChatCompletionRequest],
+        engine: NamedDependency[Engine],
+        limits: NamedDependency[LimitsConfig],
+    ) -> Response[Any]:
+        """Answer a conversation; with `stream`, server-sent events in OpenAI's chunk format."""
+        job = chat_job(engine, data, limits)
+        if data.stream:
+            deltas = await primed(run_job(engine, job, limits.request_timeout_s))
+            return _event_stream(chat_events(job, deltas))
+        outputs = await until_disconnected(request, collect(engine, job, limits.request_timeout_s))
+        return Response(chat_response(job, outputs))
+
+
+def _event_stream(events: Any) -> Stream:
+    return Stream(events, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
