@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engine.adapters import AdapterInfo, AdapterManager
 from engine.checkpoint import checkpoint_bytes, load_model, resolve_dtype
 from engine.config import ModelArgs
 from engine.errors import (
@@ -90,8 +91,16 @@ class Engine:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         prefix_caching: bool = True,
+        max_loaded_adapters: int = 8,
+        max_lora_rank: int = 64,
+        adapter_dir: str | Path | None = None,
     ) -> ModelInfo:
-        """Load a Hugging Face checkpoint directory under `name`; it serves at once."""
+        """Load a Hugging Face checkpoint directory under `name`; it serves at once.
+
+        Adapters for it are addressed as `name:adapter`; `adapter_dir` holds adapters loaded on
+        demand (`<adapter_dir>/<adapter>/adapter_config.json`)."""
+        if not name or ":" in name:
+            raise InvalidRequestError("model names are non-empty and have no ':'", param="name")
         with self._lock:
             if name in self._workers:
                 raise ModelAlreadyLoadedError(name)
@@ -134,6 +143,15 @@ class Engine:
                 tokenizer=tokenizer,
                 cache=cache,
                 scheduler=scheduler,
+                adapters=AdapterManager(
+                    name,
+                    model,
+                    max_loaded=max_loaded_adapters,
+                    max_rank=max_lora_rank,
+                    max_cpu=64,
+                    adapter_dir=adapter_dir,
+                    device=self.device,
+                ),
                 device=self.device,
             )
             log.info("loaded %s from %s: %s", name, path, info)
@@ -175,6 +193,52 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # -- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Load a PEFT adapter onto a loaded base model as `base:adapter`, without pausing
+        running requests: weights are read and checked here, installed between steps."""
+        worker, adapter = self._resolve(name)
+        if adapter is None:
+            raise InvalidRequestError("adapter names look like 'base:adapter'", param="name")
+        weights = worker.adapters.read(name, path)
+        with self._lock:
+            worker.adapters.add(weights)
+            return next(a for a in worker.adapters.info() if a.name == name)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Unload an adapter: new requests are refused at once, in-flight ones finish first.
+        True if it was freed at once, False if it goes when its last request finishes."""
+        worker, adapter = self._resolve(name)
+        if adapter is None:
+            raise InvalidRequestError("adapter names look like 'base:adapter'", param="name")
+        with self._lock:
+            return worker.adapters.remove(name)
+
+    def adapters(self, base: str | None = None) -> list[AdapterInfo]:
+        """Known adapters (of one base model, or all) with their residency."""
+        with self._lock:
+            workers = [self._worker(base)] if base else list(self._workers.values())
+            return [a for w in workers for a in w.adapters.info()]
+
+    def _resolve(self, name: str) -> tuple[ModelWorker, str | None]:
+        """The worker serving `base` or `base:adapter`, and the adapter's full name."""
+        base, sep, adapter = name.partition(":")
+        worker = self._worker(base)
+        return worker, (name if sep and adapter else None)
+
+    def _adapter_ready(self, worker: ModelWorker, name: str) -> None:
+        """Make sure a requested adapter is known, loading it from the adapter directory."""
+        with self._lock:
+            if worker.adapters.known(name) and worker.adapters.loaded(name):
+                return
+            if not worker.adapters.known(name):
+                raise ModelNotFoundError(name)
+        weights = worker.adapters.read(name, None)
+        with self._lock:
+            if not worker.adapters.loaded(name):
+                worker.adapters.add(weights)
+
     def model_names(self) -> list[str]:
         """Names of the loaded models."""
         with self._lock:
@@ -207,10 +271,14 @@ class Engine:
 
     def _submit(self, request: GenerationRequest, sink: Sink) -> tuple[str, list[int]]:
         """Queue a request; returns its id and prompt ids (copied: the engine thread appends)."""
-        worker = self._worker(request.model)
+        worker, adapter = self._resolve(request.model)
         seq = self._sequence(worker, request)
+        if adapter is not None:
+            self._adapter_ready(worker, adapter)
+            with self._lock:
+                seq.adapter, seq.hash_salt = adapter, worker.adapters.salt(adapter)
         prompt_ids = seq.token_ids[:]
-        self._commands.append(("add", request.model, seq, request.params, sink))
+        self._commands.append(("add", worker.info.name, seq, request.params, sink))
         self._ensure_thread()
         self._wake.set()
         return seq.request_id, prompt_ids
@@ -303,11 +371,20 @@ class Engine:
 
     def logits(self, name: str, token_ids: Seq[int]) -> torch.Tensor:
         """Logits [len(token_ids), vocab] (float32, CPU) of one forward pass over the tokens."""
-        worker = self._worker(name)
+        worker, adapter = self._resolve(name)
         if not token_ids:
             raise InvalidRequestError("no tokens", param="token_ids")
+        if adapter is not None:
+            self._adapter_ready(worker, adapter)
         with self._lock:
-            return worker.runner.logits_standalone(list(token_ids)).cpu()
+            slot = worker.adapters.pin(adapter) if adapter else -1
+            if slot is None:
+                raise EngineError(f"no free adapter slot for {adapter!r}; retry later")
+            try:
+                return worker.runner.logits_standalone(list(token_ids), slot).cpu()
+            finally:
+                if adapter:
+                    worker.adapters.unpin(adapter)
 
     def _only_model(self) -> str:
         names = self.model_names()

@@ -47,3 +47,7 @@ class InvalidRequestError(EngineError):
 
 class MemoryBudgetError(EngineError):
     """Loading a model would exceed the engine's memory budget."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter is malformed or does not fit its base model."""

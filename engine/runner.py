@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from engine.kv_cache import KVCache
+from engine.lora import LoRAState
 from engine.model import AttentionMetadata, AttnMode, Transformer
 from engine.scheduler import ScheduledBatch
 
@@ -26,8 +27,10 @@ class StepInput:
 class ModelRunner:
     """Owns a model and its KV cache; executes one step at a time."""
 
-    def __init__(self, model: Transformer, cache: KVCache, device: torch.device) -> None:
-        self.model, self.cache, self.device = model, cache, device
+    def __init__(
+        self, model: Transformer, cache: KVCache, device: torch.device, lora: LoRAState
+    ) -> None:
+        self.model, self.cache, self.device, self.lora = model, cache, device, lora
         self.block_size = cache.block_size
         self.sliding_window = model.args.sliding_window
         # The Triton kernel serves decode on GPU; on CPU one padded SDPA handles every batch.
@@ -44,8 +47,10 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         """Build the step's token, position, slot and block-table tensors."""
         ids, positions, slots, qlens, starts, tables, sample_mask = [], [], [], [], [], [], []
+        lora_slots = []
         bs = self.block_size
         for seq, n in batch.items:
+            lora_slots.extend([seq.lora_slot] * n)
             start = seq.num_computed
             ids.extend(seq.token_ids[start : start + n])
             pos = range(start, start + n)
@@ -55,6 +60,7 @@ class ModelRunner:
             starts.append(start)
             tables.append(seq.block_table)
             sample_mask.append(start + n == seq.num_tokens)
+        self.lora.set(lora_slots, self.device)
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         query_lens = torch.tensor(qlens)
@@ -120,7 +126,7 @@ class ModelRunner:
         return mask[:, None]
 
     @torch.inference_mode()
-    def logits_standalone(self, token_ids: list[int]) -> Tensor:
+    def logits_standalone(self, token_ids: list[int], lora_slot: int = -1) -> Tensor:
         """Logits for every position of one sequence, in a private cache (pool untouched)."""
         from engine.scheduler import Sequence
 
@@ -129,6 +135,7 @@ class ModelRunner:
         args = self.model.args
         private = KVCache(args, nblocks, self.block_size, self.dtype, self.device)
         seq = Sequence("logits", list(token_ids), n, n, block_table=list(range(nblocks)))
+        seq.lora_slot = lora_slot
         step = self.prepare(ScheduledBatch([(seq, n)], []))
         hidden = self.model(step.input_ids, step.positions, step.meta, private.layers)
         return self.model.compute_logits(hidden)

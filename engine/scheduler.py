@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ class Sequence:
     num_prompt_tokens: int
     max_total_tokens: int  # prompt + max_tokens, capped by the model's context
     hash_salt: bytes = ROOT_HASH  # keeps different adapters' caches apart
+    adapter: str | None = None  # "base:adapter" or None for the bare base model
+    lora_slot: int = -1  # adapter slot while running, -1 = base only
     status: Status = Status.WAITING
     num_computed: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
@@ -83,8 +86,17 @@ class Scheduler:
     """Chooses, every step, which sequences run and how many of their tokens are computed."""
 
     def __init__(
-        self, blocks: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        *,
+        pin: Callable[[Sequence], bool] | None = None,
+        unpin: Callable[[Sequence], None] | None = None,
     ) -> None:
+        # pin/unpin: hold per-request resources (an adapter slot) while a sequence runs.
+        self.pin = pin or (lambda seq: True)
+        self.unpin = unpin or (lambda seq: None)
         self.blocks = blocks
         self.block_size = blocks.block_size
         self.max_num_seqs = max_num_seqs
@@ -138,6 +150,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         # Recompute rather than swap: the prefix cache usually still holds most of its blocks.
         self.running.remove(seq)
+        self.unpin(seq)
         self.blocks.release(seq.block_table)
         seq.block_table, seq.num_computed, seq.num_registered = [], 0, 0
         seq.status = Status.WAITING
@@ -147,8 +160,11 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self.pin(seq):
+                break  # its adapter has no free slot yet: first come, first served
             n = self._admit(seq, budget)
             if n == 0:
+                self.unpin(seq)
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -188,6 +204,7 @@ class Scheduler:
         """Remove a sequence for good and release its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self.unpin(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)

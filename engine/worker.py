@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from engine.adapters import AdapterManager
 from engine.config import ModelArgs
 from engine.kv_cache import BlockManager, KVCache
 from engine.model import Transformer
@@ -66,14 +67,31 @@ class ModelWorker:
         tokenizer: Tokenizer,
         cache: KVCache,
         scheduler: Scheduler,
+        adapters: AdapterManager,
         device: torch.device,
     ) -> None:
         self.info, self.args, self.model, self.tokenizer = info, args, model, tokenizer
         self.cache, self.scheduler, self.device = cache, scheduler, device
-        self.runner = ModelRunner(model, cache, device)
+        self.adapters = adapters
+        scheduler.pin, scheduler.unpin = self._pin, self._unpin
+        self.runner = ModelRunner(model, cache, device, adapters.state)
         self.sampler = Sampler()
         self.eos_token_ids = tuple(sorted({*args.eos_token_ids, *tokenizer.eos_token_ids}))
         self.requests: dict[str, Sequence] = {}
+
+    def _pin(self, seq: Sequence) -> bool:
+        if seq.adapter is None:
+            return True
+        slot = self.adapters.pin(seq.adapter)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.adapter is not None and seq.lora_slot >= 0:
+            self.adapters.unpin(seq.adapter)
+            seq.lora_slot = -1
 
     @property
     def blocks(self) -> BlockManager:
