@@ -184,7 +184,14 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
+        y = self.base(x)  # x: [T, in] -> y: [T, out]
+        if x.is_cuda and self.state.indices is not None and not y.requires_grad:
+            from engine.kernels.lora import lora_apply
+
+            # One shrink and one expand launch for the whole step, whatever the slot mix (the
+            # kernels write y in place, invisible to autograd: the loop serves training).
+            return lora_apply(y, x, self.lora_a, self.lora_b, self.state.indices)
+        # On CPU a matmul per active slot is the fast path.
         for slot, rows in self.state.groups:
             # shrink [n, in] -> [n, r], expand [n, r] -> [n, out]
             delta = (x[rows] @ self.lora_a[slot].T) @ self.lora_b[slot].T
