@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,10 +15,16 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi import OpenAPIConfig
 
 from engine import Engine
+from server.catalog import provider_targets
 from server.config import LimitsConfig, ServerConfig
 from server.errors import handle_exception
 from server.health import HealthController
 from server.openai_api import OpenAIController
+from server.pipelines_api import PipelineController, RunController
+from server.runtime import build_backends
+from server.service import PipelineService
+from server.store import Store
+from tools import default_registry
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +34,14 @@ VERSION = "0.1.0"
 def create_app(config: ServerConfig, engine: Engine | None = None) -> Litestar:
     """The app; without `engine`, the lifespan creates one and loads the configured models."""
     return Litestar(
-        route_handlers=[OpenAIController, HealthController],
+        route_handlers=[OpenAIController, PipelineController, RunController, HealthController],
         dependencies={
             "engine": Provide(provide_engine, sync_to_thread=False),
             "limits": Provide(provide_limits, sync_to_thread=False),
+            "pipelines": Provide(provide_pipelines, sync_to_thread=False),
         },
-        lifespan=[_engine_lifespan],
+        # Entered in order, left in reverse: the pipelines need the engine, not the other way.
+        lifespan=[_engine_lifespan, _pipelines_lifespan],
         state=State({"config": config, "given_engine": engine}),
         exception_handlers={Exception: handle_exception},
         request_max_body_size=config.limits.max_body_bytes,
@@ -48,6 +57,14 @@ def provide_engine(state: State) -> Engine:
     if engine is None:
         raise ServiceUnavailableException("the engine is not running")
     return engine
+
+
+def provide_pipelines(state: State) -> PipelineService:
+    """The pipeline service; 503 while it is starting or after shutdown."""
+    service = state.get("pipelines")
+    if service is None:
+        raise ServiceUnavailableException("the pipeline service is not running")
+    return service
 
 
 def provide_limits(state: State) -> LimitsConfig:
@@ -68,6 +85,36 @@ async def _engine_lifespan(app: Litestar) -> AsyncIterator[None]:
         if given is None:
             engine.shutdown()
             logger.info("engine shut down")
+
+
+@asynccontextmanager
+async def _pipelines_lifespan(app: Litestar) -> AsyncIterator[None]:
+    config: ServerConfig = app.state.config
+    service = await asyncio.to_thread(start_pipelines, config, app.state.engine)
+    app.state.pipelines = service
+    try:
+        yield
+    finally:
+        app.state.pipelines = None
+        await service.runs.shutdown()
+        await service.close()
+        logger.info("pipeline service shut down")
+
+
+def start_pipelines(config: ServerConfig, engine: Engine) -> PipelineService:
+    """Migrate the database, build tools, backends and statistics, register shipped specs."""
+    store = Store.open(config.database_url)
+    served = provider_targets(config.providers)
+    service = PipelineService(
+        store,
+        backends=build_backends(engine, config.providers),
+        tools=default_registry(config.tools),
+        models=lambda target: target in served or target in engine.model_names(),
+        limits=config.limits,
+    )
+    service.refresh_statistics()
+    service.register_directory(config.pipelines_dir)
+    return service
 
 
 def start_engine(config: ServerConfig) -> Engine:

@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `compound` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    # Alembic announces each of its plugins at INFO; the migrations it runs are worth seeing.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     return args.func(args)
 
 
@@ -83,7 +85,115 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[Any], None], ...] = (add_serve,)
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"server configuration file (default: {DEFAULT_CONFIG})",
+    )
+
+
+def add_run(subparsers: Any) -> None:
+    """`compound run SPEC`: execute a pipeline in-process on the configured models."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a pipeline spec without a server",
+        description="Load the configured models, compile SPEC and run it; per-step progress "
+        "on stderr, the outputs as JSON on stdout; exit 1 when the run fails.",
+    )
+    parser.add_argument("spec", help="pipeline spec file (.yaml, .yml or .json)")
+    parser.add_argument(
+        "--input",
+        "-i",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input; VALUE is JSON unless the input is declared a string (repeatable)",
+    )
+    parser.add_argument(
+        "--inputs", dest="inputs_json", metavar="JSON", help="inputs as a JSON object"
+    )
+    _add_config(parser)
+    parser.set_defaults(func=run_run)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Run the spec; 0 on success, 1 when it fails, 2 on a usage or configuration error."""
+    from server import pipeline_cli
+
+    return pipeline_cli.guarded(
+        pipeline_cli.run_file,
+        args.spec,
+        config_path=args.config or DEFAULT_CONFIG,
+        pairs=args.inputs,
+        inputs_json=args.inputs_json,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def add_explain(subparsers: Any) -> None:
+    """`compound explain SPEC`: the physical plan, without loading any model."""
+    parser = subparsers.add_parser(
+        "explain",
+        help="print the plan of a pipeline spec",
+        description="Compile SPEC against the models and tools the configuration names "
+        "(no weights are loaded) and print the plan with estimates and the critical path.",
+    )
+    parser.add_argument("spec", help="pipeline spec file (.yaml, .yml or .json)")
+    parser.add_argument("--format", choices=["text", "json", "mermaid"], default="text")
+    _add_config(parser)
+    parser.set_defaults(func=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """Print the plan; 1 when the spec is invalid."""
+    from server import pipeline_cli
+
+    return pipeline_cli.guarded(
+        pipeline_cli.explain_file,
+        args.spec,
+        config_path=args.config or DEFAULT_CONFIG,
+        fmt=args.format,
+        out=sys.stdout,
+    )
+
+
+def add_validate(subparsers: Any) -> None:
+    """`compound validate SPEC...`: check specs, e.g. as a pre-commit hook or in CI."""
+    parser = subparsers.add_parser(
+        "validate",
+        help="check pipeline specs",
+        description="Load each SPEC and bind it against the configuration's models, tools and "
+        "pipelines; print `file:line:col: /pointer: message` per problem; exit 1 on any. "
+        f"Without --config and without {DEFAULT_CONFIG} here, specs are only loaded.",
+    )
+    parser.add_argument("specs", nargs="+", metavar="SPEC", help="pipeline spec files")
+    parser.add_argument(
+        "--no-bind",
+        action="store_true",
+        help="only load the specs (syntax, types, expressions); do not resolve names",
+    )
+    _add_config(parser)
+    parser.set_defaults(func=run_validate)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """Report every problem of every spec; 1 when there is any."""
+    from server import pipeline_cli
+
+    return pipeline_cli.guarded(
+        pipeline_cli.validate,
+        args.specs,
+        config_path=args.config or DEFAULT_CONFIG,
+        bind=not args.no_bind,
+        explicit_config=args.config is not None,
+        out=sys.stdout,
+    )
+
+
+COMMANDS: tuple[Callable[[Any], None], ...] = (add_serve, add_run, add_explain, add_validate)
 
 
 if __name__ == "__main__":

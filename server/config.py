@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -9,8 +10,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 from msgspec import Meta, Struct, field
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from server.errors import ConfigError
+from tools import ToolsConfig
+
+DATABASE_URL_ENV = "COMPOUND_DATABASE_URL"
 
 Positive = Annotated[int, Meta(gt=0)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
@@ -22,6 +28,16 @@ class LimitsConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     max_body_bytes: Positive = 1 << 20
     max_tokens: Positive = 4096
     request_timeout_s: Annotated[float, Meta(gt=0)] | None = 600.0
+    # Pipeline runs: the server caps each spec's own `limits` with these.
+    max_spec_bytes: Positive = 256 * 1024
+    run_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    max_fan_out: Positive = 1024
+    max_run_tokens: Positive = 1_000_000
+    max_run_concurrency: Positive = 64
+    # Concurrency per resource class, e.g. {"model:demo-base": 8, "tool:*": 16}.
+    per_resource: dict[str, Positive] = {}
+    # A step output stored with a run is cut to this many bytes of JSON.
+    max_stored_output_bytes: Positive = 64 * 1024
 
 
 class EngineConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -51,6 +67,15 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
         return {"dtype": self.dtype} | {k: v for k, v in optional.items() if v is not None}
 
 
+class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """An OpenAI-compatible provider; specs name its targets, never its URL or key."""
+
+    name: ModelName
+    base_url: str
+    api_key_env: str | None = None  # the environment variable holding the API key
+    models: dict[ModelName, str] = {}  # target a spec may name -> the provider's model id
+
+
 class ServerConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Everything `compound serve` reads from its YAML file."""
 
@@ -60,17 +85,53 @@ class ServerConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     models: tuple[ModelConfig, ...] = ()
+    providers: tuple[ProviderConfig, ...] = ()
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    # Specs registered at start-up; one that does not load or bind is logged and skipped.
+    pipelines_dir: str = "pipelines"
 
 
 def load_config(path: str | Path) -> ServerConfig:
-    """Read a YAML config file; relative model paths resolve against the file's directory."""
+    """Read a YAML config file; relative paths (models, pipelines, SQLite file) resolve against
+    the file's directory; `COMPOUND_DATABASE_URL` overrides `database_url`."""
     file = Path(path)
     config = parse_config(_read(file), file=str(file))
     base = file.resolve().parent
     models = tuple(
         msgspec.structs.replace(m, path=str((base / m.path).resolve())) for m in config.models
     )
-    return msgspec.structs.replace(config, models=models)
+    env_url = os.environ.get(DATABASE_URL_ENV)
+    database_url = (
+        resolve_database_url(env_url, Path.cwd(), file=DATABASE_URL_ENV)
+        if env_url
+        else resolve_database_url(config.database_url, base, file=str(file))
+    )
+    tools = config.tools
+    if tools.kb_path is not None:
+        tools = msgspec.structs.replace(tools, kb_path=str((base / tools.kb_path).resolve()))
+    return msgspec.structs.replace(
+        config,
+        models=models,
+        database_url=database_url,
+        pipelines_dir=str((base / config.pipelines_dir).resolve()),
+        tools=tools,
+    )
+
+
+def resolve_database_url(url: str, base: Path, *, file: str = "<config>") -> str:
+    """The URL with a relative SQLite file made absolute against `base`."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise ConfigError(f"invalid database URL ({e})", file=file, path="database_url") from e
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or database in (None, "", ":memory:"):
+        return url
+    if database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str((base / database).resolve())).render_as_string(
+        hide_password=False
+    )
 
 
 def parse_config(text: str, *, file: str = "<config>") -> ServerConfig:

@@ -1,8 +1,10 @@
 """The server's error tree, and the one place exceptions become OpenAI-shaped HTTP errors.
 
 Every error a client sees has the body `{"error": {"message", "type", "param", "code"}}`,
-whatever raised it: the engine's typed errors, litestar's own validation and routing errors,
-or an unexpected exception (then the message is generic and the traceback stays in the log).
+whatever raised it: the engine's typed errors, the planner's spec errors, the executor's input
+errors, litestar's own validation and routing errors, or an unexpected exception (then the
+message is generic and the traceback stays in the log). Errors that point into a spec or into
+run inputs add `"errors": [{"path", "message", "line", "column"}]`, one entry per problem.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+    HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
     HTTP_504_GATEWAY_TIMEOUT,
 )
+from msgspec import Struct
 
 from engine.errors import (
     EngineError,
@@ -29,6 +35,8 @@ from engine.errors import (
     ModelAlreadyLoadedError,
     ModelNotFoundError,
 )
+from executor.errors import InputError
+from planner.errors import InvariantError, PlanError, SpecError, SpecErrors
 from server.openai_types import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -67,7 +75,63 @@ class RequestTimeoutError(ServerError):
         self.timeout_s = timeout_s
 
 
-def error_response(exc: Exception) -> tuple[int, ErrorResponse]:
+class PipelineNotFoundError(ServerError):
+    """No pipeline of that name (or no such version of it) is registered."""
+
+    def __init__(self, name: str, version: int | None = None) -> None:
+        what = f"{name!r} version {version}" if version is not None else repr(name)
+        super().__init__(f"no pipeline {what} is registered")
+        self.name = name
+        self.version = version
+
+
+class RunNotFoundError(ServerError):
+    """No run has that id."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r}")
+        self.run_id = run_id
+
+
+class PayloadTooLargeError(ServerError):
+    """A spec or body is larger than the configured limit."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} is {size} bytes; the limit is {limit}")
+        self.size = size
+        self.limit = limit
+
+
+class UnsupportedMediaTypeError(ServerError):
+    """A spec body came with a Content-Type that is neither YAML nor JSON."""
+
+    def __init__(self, media_type: str) -> None:
+        super().__init__(
+            f"unsupported Content-Type {media_type!r}: send a spec as application/json "
+            "or application/yaml"
+        )
+
+
+class Problem(Struct, kw_only=True):
+    """One problem in a spec or in run inputs; `path` is a JSON pointer."""
+
+    path: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+
+class ProblemsResponse(Struct, kw_only=True):
+    """`{"error": {...}, "errors": [...]}`: OpenAI's error object plus every problem found."""
+
+    error: ErrorBody
+    errors: list[Problem]
+
+
+Body = ErrorResponse | ProblemsResponse
+
+
+def error_response(exc: Exception) -> tuple[int, Body]:
     """Map any exception to an HTTP status and OpenAI's error body."""
     for kind, convert in _CONVERTERS:
         if isinstance(exc, kind):
@@ -76,7 +140,7 @@ def error_response(exc: Exception) -> tuple[int, ErrorResponse]:
     return HTTP_500_INTERNAL_SERVER_ERROR, _body("internal server error", SERVER_ERROR)
 
 
-def handle_exception(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+def handle_exception(_: Request[Any, Any, Any], exc: Exception) -> Response[Body]:
     """Litestar exception handler: every error leaves the app through here."""
     status, body = error_response(exc)
     return Response(body, status_code=status)
@@ -152,8 +216,66 @@ def _engine(exc: EngineError) -> tuple[int, ErrorResponse]:
     return HTTP_500_INTERNAL_SERVER_ERROR, _body(str(exc), SERVER_ERROR)
 
 
-# Most specific first: ValidationException is an HTTPException too.
+def _problem(exc: SpecError) -> Problem:
+    return Problem(path=exc.path, message=exc.message, line=exc.line, column=exc.column)
+
+
+def _problems(message: str, code: str, problems: list[Problem]) -> tuple[int, ProblemsResponse]:
+    param = problems[0].path if problems else None
+    error = ErrorBody(message=message, type=INVALID_REQUEST, param=param, code=code)
+    return HTTP_422_UNPROCESSABLE_ENTITY, ProblemsResponse(error=error, errors=problems)
+
+
+def _spec_errors(exc: SpecErrors) -> tuple[int, ProblemsResponse]:
+    problems = [_problem(e) for e in exc.errors]
+    count = f"{len(problems)} problems" if len(problems) != 1 else "1 problem"
+    first = f"; first: {exc.errors[0]}" if exc.errors else ""
+    return _problems(f"invalid pipeline spec ({count}){first}", "invalid_spec", problems)
+
+
+def _spec_error(exc: SpecError) -> tuple[int, ProblemsResponse]:
+    code = "invalid_plan" if isinstance(exc, PlanError) else "invalid_spec"
+    return _problems(str(exc), code, [_problem(exc)])
+
+
+def _input_error(exc: InputError) -> tuple[int, ProblemsResponse]:
+    # The pointer is into the request body, whose `inputs` member holds the inputs.
+    problem = Problem(path=f"/inputs{exc.path}", message=exc.message)
+    return _problems(f"invalid inputs: {problem.path}: {exc.message}", "invalid_inputs", [problem])
+
+
+def _invariant(exc: InvariantError) -> tuple[int, ErrorResponse]:
+    # A rewrite rule broke the plan: the planner's fault, not the spec's.
+    logger.error("planner invariant broken by rule %s: %s", exc.rule, exc.message)
+    return HTTP_500_INTERNAL_SERVER_ERROR, _body(str(exc), SERVER_ERROR, None, "planner_invariant")
+
+
+def _pipeline_not_found(exc: PipelineNotFoundError) -> tuple[int, ErrorResponse]:
+    return HTTP_404_NOT_FOUND, _body(str(exc), INVALID_REQUEST, "name", "pipeline_not_found")
+
+
+def _run_not_found(exc: RunNotFoundError) -> tuple[int, ErrorResponse]:
+    return HTTP_404_NOT_FOUND, _body(str(exc), INVALID_REQUEST, "run_id", "run_not_found")
+
+
+def _too_large(exc: PayloadTooLargeError) -> tuple[int, ErrorResponse]:
+    return HTTP_413_REQUEST_ENTITY_TOO_LARGE, _body(str(exc), INVALID_REQUEST, None, "too_large")
+
+
+def _media_type(exc: UnsupportedMediaTypeError) -> tuple[int, ErrorResponse]:
+    return HTTP_415_UNSUPPORTED_MEDIA_TYPE, _body(str(exc), INVALID_REQUEST, None, "media_type")
+
+
+# Most specific first: ValidationException is an HTTPException too, PlanError a SpecError.
 _CONVERTERS: tuple[tuple[type[Exception], Any], ...] = (
+    (SpecErrors, _spec_errors),
+    (SpecError, _spec_error),
+    (InputError, _input_error),
+    (InvariantError, _invariant),
+    (PipelineNotFoundError, _pipeline_not_found),
+    (RunNotFoundError, _run_not_found),
+    (PayloadTooLargeError, _too_large),
+    (UnsupportedMediaTypeError, _media_type),
     (ModelNotFoundError, _model_not_found),
     (InvalidRequestError, _invalid_request),
     (ModelAlreadyLoadedError, _conflict),

@@ -1,14 +1,17 @@
-"""Fixtures of the server tests: one tiny checkpoint and one engine per session."""
+"""Fixtures of the server tests: one tiny checkpoint and one engine per session, databases."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import uvicorn
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -19,6 +22,11 @@ from server.config import EngineConfig, LimitsConfig, ModelConfig, ServerConfig
 from tests.engine.tiny_models import make_checkpoint
 
 MODEL = "tiny"
+# The shipped pipelines name the demo model; tests serve the tiny checkpoint under that name.
+DEMO_MODEL = "demo-base"
+POSTGRES_URL = os.environ.get(
+    "COMPOUND_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 # Room for long generations: the disconnect tests need a request that runs for seconds.
 MAX_POSITION = 4096
 MEMORY_BUDGET = 1 << 30
@@ -76,13 +84,55 @@ def engine(tiny_model_dir: Path) -> Iterator[RecordingEngine]:
 
 
 @pytest.fixture(scope="session")
-def config(tiny_model_dir: Path) -> ServerConfig:
-    """Server config listing the tiny model; limits as in compound.yaml."""
+def demo_engine(tiny_model_dir: Path) -> Iterator[Engine]:
+    """A CPU engine serving the tiny checkpoint under the demo model's name."""
+    eng = Engine(memory_budget_bytes=MEMORY_BUDGET, device="cpu")
+    eng.load_model(DEMO_MODEL, tiny_model_dir)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def config(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerConfig:
+    """Server config listing the tiny model; limits as in compound.yaml; a scratch database."""
+    scratch = tmp_path_factory.mktemp("server")
     return ServerConfig(
         limits=LimitsConfig(max_body_bytes=1 << 20, max_tokens=4096, request_timeout_s=30.0),
         engine=EngineConfig(memory_budget_bytes=MEMORY_BUDGET, device="cpu"),
         models=(ModelConfig(name=MODEL, path=str(tiny_model_dir)),),
+        database_url=f"sqlite:///{scratch / 'compound.db'}",
+        pipelines_dir=str(scratch / "pipelines"),
     )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a schema of its own in the test PostgreSQL.
+
+    PostgreSQL is skipped when unreachable, except under CI=true where it must run.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        admin.connect().close()
+    except sqlalchemy.exc.OperationalError as e:
+        admin.dispose()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_URL}: {e.orig}")
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = sqlalchemy.make_url(POSTGRES_URL)
+        scoped = url.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 @pytest.fixture

@@ -12,10 +12,13 @@ from server.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_shipped_config_lists_demo_base() -> None:
+def test_shipped_config_lists_demo_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMPOUND_DATABASE_URL", raising=False)
     config = load_config(REPO / "compound.yaml")
     assert (config.host, config.port) == ("127.0.0.1", 8080)
-    assert config.database_url == "sqlite:///compound.db"
+    # The SQLite file lives next to the config file, wherever the server is started from.
+    assert config.database_url == f"sqlite:///{REPO / 'compound.db'}"
+    assert config.pipelines_dir == str(REPO / "pipelines")
     assert config.limits == LimitsConfig()
     assert [m.name for m in config.models] == ["demo-base"]
     assert config.models[0].path == str(REPO / "models" / "demo-base")

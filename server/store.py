@@ -1,0 +1,485 @@
+"""Persistence of pipelines, runs, step runs, statistics and the audit log.
+
+`Store` is synchronous SQLAlchemy; each method is one transaction, and the async server calls
+it in a worker thread. What it returns are frozen msgspec records, detached from any session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from planner.spec import PipelineSpec
+from server.db import (
+    AuditRow,
+    PipelineRow,
+    RunRow,
+    StatisticRow,
+    StepRunRow,
+    make_engine,
+    upgrade,
+    utcnow,
+)
+from server.errors import PipelineNotFoundError, RunNotFoundError
+
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+MAX_LIST = 1000
+# Concurrent registrations of one name race for the next version number; the losers retry.
+REGISTER_ATTEMPTS = 16
+_RECORD = {"frozen": True, "kw_only": True}
+
+
+class PipelineRecord(msgspec.Struct, **_RECORD):
+    """One registered version of a pipeline."""
+
+    name: str
+    version: int
+    content_hash: str
+    spec_text: str
+    spec_format: str
+    declared_version: str | None
+    commit: str | None
+    created_at: datetime
+
+
+class StepRecord(msgspec.Struct, **_RECORD):
+    """One step of a stored run."""
+
+    step: str
+    status: str
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    tokens: int
+    model: str | None
+    cached: bool
+    error: str | None
+    skip_reason: str | None
+    output: Any
+    output_truncated: bool
+
+
+class RunRecord(msgspec.Struct, **_RECORD):
+    """A stored run; `steps` is filled by `get_run`, empty in listings."""
+
+    id: str
+    pipeline: str
+    version: int
+    content_hash: str
+    commit: str | None
+    status: str
+    inputs: Any
+    outputs: Any
+    error: str | None
+    failed_step: str | None
+    total_tokens: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    steps: list[StepRecord] = []
+
+
+class StatRecord(msgspec.Struct, **_RECORD):
+    """Figures of one model, tool or step over past runs."""
+
+    key: str
+    count: int
+    failures: int
+    mean_latency_s: float
+    mean_tokens: float
+
+
+class AuditRecord(msgspec.Struct, **_RECORD):
+    """One audit log entry."""
+
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
+class StepChange(msgspec.Struct, **_RECORD):
+    """New column values of one step run (created on first change)."""
+
+    step: str
+    values: dict[str, Any]
+
+
+class RunChange(msgspec.Struct, **_RECORD):
+    """New column values of the run itself."""
+
+    values: dict[str, Any]
+
+
+Change = StepChange | RunChange
+
+
+def content_hash(spec: PipelineSpec) -> str:
+    """sha256 of the spec's canonical JSON: YAML and JSON texts of the same spec hash alike."""
+    canonical = json.dumps(
+        msgspec.to_builtins(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Store:
+    """The database behind the server; one instance per process, safe across threads."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """Connect to `url` and migrate the database to the newest schema."""
+        engine = make_engine(url)
+        upgrade(engine)
+        return cls(engine)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    # -- pipelines -------------------------------------------------------------------------------
+
+    def register_pipeline(
+        self,
+        spec: PipelineSpec,
+        *,
+        text: str,
+        fmt: str,
+        actor: str,
+        commit: str | None = None,
+    ) -> tuple[PipelineRecord, bool]:
+        """Store a new version of `spec.name`, or return the version with identical content;
+        the flag is True when a version was created."""
+        digest = content_hash(spec)
+        for _ in range(REGISTER_ATTEMPTS - 1):
+            try:
+                return self._register(spec, digest, text=text, fmt=fmt, actor=actor, commit=commit)
+            except IntegrityError:
+                # Another writer took this version number (or stored this content) first:
+                # look again; the next attempt finds its row or the next free number.
+                continue
+        return self._register(spec, digest, text=text, fmt=fmt, actor=actor, commit=commit)
+
+    def _register(
+        self,
+        spec: PipelineSpec,
+        digest: str,
+        *,
+        text: str,
+        fmt: str,
+        actor: str,
+        commit: str | None,
+    ) -> tuple[PipelineRecord, bool]:
+        with self._session.begin() as session:
+            same = session.scalar(
+                select(PipelineRow).where(
+                    PipelineRow.name == spec.name, PipelineRow.content_hash == digest
+                )
+            )
+            if same is not None:
+                return _pipeline(same), False
+            latest = session.scalar(
+                select(func.max(PipelineRow.version)).where(PipelineRow.name == spec.name)
+            )
+            row = PipelineRow(
+                name=spec.name,
+                version=(latest or 0) + 1,
+                spec_text=text,
+                spec_format=fmt,
+                content_hash=digest,
+                declared_version=spec.version,
+                commit=commit,
+            )
+            session.add(row)
+            session.flush()
+            _audit(
+                session,
+                actor,
+                "pipeline.register",
+                f"pipeline:{row.name}@{row.version}",
+                {"content_hash": digest, "commit": commit},
+            )
+            return _pipeline(row), True
+
+    def get_pipeline(self, name: str, version: int | None = None) -> PipelineRecord:
+        """Version `version` of `name`, or its latest; `PipelineNotFoundError` otherwise."""
+        query = select(PipelineRow).where(PipelineRow.name == name)
+        if version is not None:
+            query = query.where(PipelineRow.version == version)
+        with self._session() as session:
+            row = session.scalar(query.order_by(PipelineRow.version.desc()).limit(1))
+        if row is None:
+            raise PipelineNotFoundError(name, version)
+        return _pipeline(row)
+
+    def resolve(self, ref: str) -> PipelineRecord:
+        """`name` (the latest), `name@<n>` (version n), or `name@<label>`: the newest version
+        whose spec declares `version: <label>` or whose commit starts with `<label>`."""
+        name, _, label = ref.partition("@")
+        if not label:
+            return self.get_pipeline(name)
+        if label.isdigit():
+            return self.get_pipeline(name, int(label))
+        query = (
+            select(PipelineRow)
+            .where(
+                PipelineRow.name == name,
+                (PipelineRow.declared_version == label)
+                | PipelineRow.commit.startswith(label, autoescape=True),
+            )
+            .order_by(PipelineRow.version.desc())
+            .limit(1)
+        )
+        with self._session() as session:
+            row = session.scalar(query)
+        if row is None:
+            raise PipelineNotFoundError(ref)
+        return _pipeline(row)
+
+    def pipeline_versions(self, name: str) -> list[PipelineRecord]:
+        """Every version of `name`, oldest first; `PipelineNotFoundError` when there is none."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(PipelineRow).where(PipelineRow.name == name).order_by(PipelineRow.version)
+            ).all()
+        if not rows:
+            raise PipelineNotFoundError(name)
+        return [_pipeline(r) for r in rows]
+
+    def latest_pipelines(self) -> list[PipelineRecord]:
+        """The latest version of every pipeline, by name."""
+        newest = (
+            select(PipelineRow.name, func.max(PipelineRow.version).label("version"))
+            .group_by(PipelineRow.name)
+            .subquery()
+        )
+        query = (
+            select(PipelineRow)
+            .join(
+                newest,
+                (PipelineRow.name == newest.c.name) & (PipelineRow.version == newest.c.version),
+            )
+            .order_by(PipelineRow.name)
+        )
+        with self._session() as session:
+            return [_pipeline(r) for r in session.scalars(query).all()]
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def create_run(
+        self, run_id: str, pipeline: PipelineRecord, inputs: dict[str, Any], *, actor: str
+    ) -> RunRecord:
+        """Store a queued run of `pipeline`."""
+        with self._session.begin() as session:
+            row = RunRow(
+                id=run_id,
+                pipeline=pipeline.name,
+                version=pipeline.version,
+                content_hash=pipeline.content_hash,
+                commit=pipeline.commit,
+                status="queued",
+                inputs=inputs,
+            )
+            session.add(row)
+            session.flush()
+            _audit(
+                session,
+                actor,
+                "run.create",
+                f"run:{run_id}",
+                {"pipeline": pipeline.name, "version": pipeline.version},
+            )
+            return _run(row, steps=False)
+
+    def apply(self, run_id: str, changes: list[Change]) -> None:
+        """Apply run and step changes, in order, in one transaction."""
+        with self._session.begin() as session:
+            run = session.get(RunRow, run_id, options=[selectinload(RunRow.steps)])
+            if run is None:
+                raise RunNotFoundError(run_id)
+            steps = {s.step: s for s in run.steps}
+            for change in changes:
+                if isinstance(change, RunChange):
+                    _set(run, change.values)
+                    continue
+                row = steps.get(change.step)
+                if row is None:
+                    row = steps[change.step] = StepRunRow(step=change.step, status="pending")
+                    run.steps.append(row)
+                _set(row, change.values)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """A run with its steps; `RunNotFoundError` when there is none."""
+        with self._session() as session:
+            row = session.get(RunRow, run_id, options=[selectinload(RunRow.steps)])
+            if row is None:
+                raise RunNotFoundError(run_id)
+            return _run(row, steps=True)
+
+    def list_runs(
+        self, *, pipeline: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[RunRecord]:
+        """Runs, newest first, optionally of one pipeline and/or in one status."""
+        query = select(RunRow)
+        if pipeline is not None:
+            query = query.where(RunRow.pipeline == pipeline)
+        if status is not None:
+            query = query.where(RunRow.status == status)
+        query = query.order_by(RunRow.created_at.desc(), RunRow.id).limit(min(limit, MAX_LIST))
+        with self._session() as session:
+            return [_run(r, steps=False) for r in session.scalars(query).all()]
+
+    def cancel_unfinished(self, run_ids: list[str], reason: str) -> None:
+        """Mark these runs cancelled unless they already finished."""
+        with self._session.begin() as session:
+            session.execute(
+                update(RunRow)
+                .where(RunRow.id.in_(run_ids), RunRow.status.not_in(FINISHED))
+                .values(status="cancelled", error=reason, finished_at=utcnow())
+            )
+
+    # -- statistics ------------------------------------------------------------------------------
+
+    def analyze_run(self, run_id: str, resources: dict[str, str]) -> None:
+        """Fold a finished run's steps into the statistics (like a database's ANALYZE).
+
+        Every finished or failed step counts under `step:<pipeline>/<step>` and under its
+        resource (`resources[step]`, e.g. `tool:kb.search`; a generate step under the model
+        that actually answered, `model:<target>`).
+        """
+        run = self.get_run(run_id)
+        with self._session.begin() as session:
+            for step in run.steps:
+                if step.status not in ("succeeded", "failed"):
+                    continue
+                resource = f"model:{step.model}" if step.model else resources.get(step.step)
+                keys = [f"step:{run.pipeline}/{step.step}", *([resource] if resource else [])]
+                for key in keys:
+                    _observe(session, key, step)
+
+    def statistics(self) -> list[StatRecord]:
+        """Every statistics row, by key."""
+        with self._session() as session:
+            rows = session.scalars(select(StatisticRow).order_by(StatisticRow.key)).all()
+            return [
+                StatRecord(
+                    key=r.key,
+                    count=r.count,
+                    failures=r.failures,
+                    mean_latency_s=r.mean_latency_s,
+                    mean_tokens=r.mean_tokens,
+                )
+                for r in rows
+            ]
+
+    # -- audit -----------------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, subject: str, detail: dict[str, Any]) -> None:
+        """Append an audit entry."""
+        with self._session.begin() as session:
+            _audit(session, actor, action, subject, detail)
+
+    def audit_log(self, limit: int = 100) -> list[AuditRecord]:
+        """The newest audit entries, newest first."""
+        query = select(AuditRow).order_by(AuditRow.at.desc(), AuditRow.id.desc()).limit(limit)
+        with self._session() as session:
+            return [
+                AuditRecord(
+                    at=r.at, actor=r.actor, action=r.action, subject=r.subject, detail=r.detail
+                )
+                for r in session.scalars(query).all()
+            ]
+
+
+def _audit(session: Session, actor: str, action: str, subject: str, detail: dict[str, Any]) -> None:
+    session.add(AuditRow(actor=actor[:200], action=action, subject=subject[:200], detail=detail))
+
+
+def _set(row: RunRow | StepRunRow, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        setattr(row, name, value)
+
+
+def _observe(session: Session, key: str, step: StepRecord) -> None:
+    """One observation of `key`, as single UPDATE statements so concurrent runs lose nothing."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(StatisticRow).values(key=key).on_conflict_do_nothing())
+    stat = StatisticRow
+    if step.status == "failed":
+        values = {"count": stat.count + 1, "failures": stat.failures + 1}
+    else:
+        # Incremental means over successes; SET expressions see the row's old values.
+        n = stat.count - stat.failures + 1
+        latency = step.duration_s or 0.0
+        values = {
+            "count": stat.count + 1,
+            "mean_latency_s": stat.mean_latency_s + (latency - stat.mean_latency_s) / n,
+            "mean_tokens": stat.mean_tokens + (step.tokens - stat.mean_tokens) / n,
+        }
+    session.execute(update(stat).where(stat.key == key).values(**values, updated_at=utcnow()))
+
+
+def _pipeline(row: PipelineRow) -> PipelineRecord:
+    return PipelineRecord(
+        name=row.name,
+        version=row.version,
+        content_hash=row.content_hash,
+        spec_text=row.spec_text,
+        spec_format=row.spec_format,
+        declared_version=row.declared_version,
+        commit=row.commit,
+        created_at=row.created_at,
+    )
+
+
+def _run(row: RunRow, *, steps: bool) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        pipeline=row.pipeline,
+        version=row.version,
+        content_hash=row.content_hash,
+        commit=row.commit,
+        status=row.status,
+        inputs=row.inputs,
+        outputs=row.outputs,
+        error=row.error,
+        failed_step=row.failed_step,
+        total_tokens=row.total_tokens,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        steps=[_step(s) for s in row.steps] if steps else [],
+    )
+
+
+def _step(row: StepRunRow) -> StepRecord:
+    return StepRecord(
+        step=row.step,
+        status=row.status,
+        attempts=row.attempts,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        duration_s=row.duration_s,
+        tokens=row.tokens,
+        model=row.model,
+        cached=row.cached,
+        error=row.error,
+        skip_reason=row.skip_reason,
+        output=row.output,
+        output_truncated=row.output_truncated,
+    )
