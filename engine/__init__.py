@@ -1,21 +1,37 @@
 """compound's built-in inference engine: Llama-family models over a paged KV cache with
-continuous batching, several base models in one process."""
+continuous batching, several base models and their LoRA adapters in one process.
 
-from engine.engine import Engine
-from engine.errors import (
-    CheckpointError,
-    EngineError,
-    InvalidRequestError,
-    MemoryBudgetError,
-    ModelAlreadyLoadedError,
-    ModelNotFoundError,
-    UnsupportedArchitectureError,
-)
-from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
-from engine.sampling import SamplingParams, TokenLogprob
-from engine.worker import ModelInfo
+Names are imported lazily (PEP 562) so that `engine.errors` and friends load without torch:
+the CLI's `validate` and `explain` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Engine": "engine.engine",
+    "AdapterInfo": "engine.adapters",
+    "AdapterError": "engine.errors",
+    "CheckpointError": "engine.errors",
+    "EngineError": "engine.errors",
+    "InvalidRequestError": "engine.errors",
+    "MemoryBudgetError": "engine.errors",
+    "ModelAlreadyLoadedError": "engine.errors",
+    "ModelNotFoundError": "engine.errors",
+    "UnsupportedArchitectureError": "engine.errors",
+    "GenerationRequest": "engine.outputs",
+    "RequestOutput": "engine.outputs",
+    "StreamDelta": "engine.outputs",
+    "SamplingParams": "engine.sampling",
+    "TokenLogprob": "engine.sampling",
+    "ModelInfo": "engine.worker",
+}
 
 __all__ = [
+    "AdapterError",
+    "AdapterInfo",
     "CheckpointError",
     "Engine",
     "EngineError",
@@ -31,3 +47,27 @@ __all__ = [
     "TokenLogprob",
     "UnsupportedArchitectureError",
 ]
+
+if TYPE_CHECKING:
+    from engine.adapters import AdapterInfo
+    from engine.engine import Engine
+    from engine.errors import (
+        AdapterError,
+        CheckpointError,
+        EngineError,
+        InvalidRequestError,
+        MemoryBudgetError,
+        ModelAlreadyLoadedError,
+        ModelNotFoundError,
+        UnsupportedArchitectureError,
+    )
+    from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
+    from engine.sampling import SamplingParams, TokenLogprob
+    from engine.worker import ModelInfo
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

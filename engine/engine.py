@@ -245,12 +245,21 @@ class Engine:
             return list(self._workers)
 
     def model_info(self, name: str) -> ModelInfo:
-        """Facts about a loaded model."""
-        return self._worker(name).info
+        """Facts about a loaded model (an adapter name gives its base model's)."""
+        return self._resolve(name)[0].info
 
     def tokenizer(self, name: str) -> Tokenizer:
-        """The tokenizer of a loaded model."""
-        return self._worker(name).tokenizer
+        """The tokenizer of a loaded model (or of an adapter's base model)."""
+        return self._resolve(name)[0].tokenizer
+
+    def serves(self, name: str) -> bool:
+        """Is `name` a loaded model, or an adapter of one that is loaded or loadable on demand?"""
+        base, sep, adapter = name.partition(":")
+        with self._lock:
+            worker = self._workers.get(base)
+            if worker is None or (sep and not adapter):
+                return False
+            return not sep or worker.adapters.known(name)
 
     def block_manager(self, name: str) -> BlockManager:
         """The KV block manager of a loaded model (for metrics and tests)."""

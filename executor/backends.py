@@ -12,12 +12,15 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 import msgspec
 
-from engine import Engine, EngineError, GenerationRequest, SamplingParams
+from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine import Engine, GenerationRequest
 from executor.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -93,9 +96,8 @@ class EngineBackend:
         self.engine = engine
 
     def serves(self, target: str) -> bool:
-        """A loaded model's name, or `<loaded base>:<adapter>` (refused clearly in `generate`)."""
-        names = self.engine.model_names()
-        return target in names or target.split(":", 1)[0] in names
+        """A loaded model, or one of its adapters (`base:adapter`, loaded or loadable)."""
+        return self.engine.serves(target)
 
     async def generate(self, call: ModelCall, on_delta: OnDelta | None = None) -> ModelResult:
         """Stream the call through the engine; engine errors become `BackendError`."""
@@ -123,12 +125,9 @@ class EngineBackend:
         )
 
     def _request(self, call: ModelCall) -> GenerationRequest:
-        if call.target not in self.engine.model_names():
-            base, _, adapter = call.target.partition(":")
-            raise BackendError(
-                f"engine model {call.target!r}: the engine cannot apply LoRA adapter "
-                f"{adapter!r} to {base!r} yet; load a model named {call.target!r}"
-            )
+        # Imported here: the executor package must load without torch (fast CLI validate).
+        from engine import GenerationRequest, SamplingParams
+
         params = SamplingParams(
             max_tokens=call.max_tokens,
             temperature=call.temperature,

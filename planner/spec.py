@@ -26,7 +26,7 @@ PipelineRef = Annotated[
 Template = Annotated[str, Meta(max_length=32_768)]  # Jinja2 template (sandboxed)
 Expression = Annotated[str, Meta(max_length=2_048)]  # bare Jinja2 expression (sandboxed)
 # "250ms", "10s", "2m", or seconds as a number.
-Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m)$")] | Annotated[float, Meta(gt=0)]
+Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m)$")] | Annotated[float, Meta(gt=0.0)]
 
 STEP_KINDS = ("generate", "tool", "filter", "route", "pipeline")
 
@@ -47,8 +47,8 @@ class Generate(Struct, **_STRUCT):
     prompt: Template | None = None
     messages: Annotated[list[Message], Meta(min_length=1, max_length=64)] | None = None
     max_tokens: Annotated[int, Meta(ge=1, le=32_768)] = 256
-    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
-    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Meta(ge=0)] = 0
     stop: Annotated[list[str], Meta(max_length=8)] = []
     seed: int | None = None
@@ -95,7 +95,7 @@ class Budget(Struct, **_STRUCT):
     """Per-step limits on tokens generated and wall time."""
 
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_seconds: Annotated[float, Meta(gt=0)] | None = None
+    max_seconds: Annotated[float, Meta(gt=0.0)] | None = None
 
 
 class Step(Struct, **_STRUCT):
@@ -170,6 +170,25 @@ def json_schema() -> dict[str, Any]:
     schema = msgspec.json.schema(PipelineSpec)
     step = schema["$defs"]["Step"]
     step["oneOf"] = [{"required": [k]} for k in STEP_KINDS]
+    _float_bounds(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://compound.dev/schemas/pipeline.schema.json"
     return schema
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _float_bounds(node: Any) -> None:
+    """Write bounds of number fields as floats. typing caches `Annotated[...]` by equality
+    (2 == 2.0), so a bound can come back as int or float depending on import order."""
+    if isinstance(node, dict):
+        if node.get("type") == "number":
+            for key in _BOUNDS:
+                if key in node:
+                    node[key] = float(node[key])
+        for value in node.values():
+            _float_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _float_bounds(value)

@@ -78,8 +78,9 @@ async def test_engine_backend_errors_are_backend_errors(engine: RecordingEngine)
     backend = EngineBackend(engine)
     with pytest.raises(BackendError, match="max_tokens"):
         await backend.generate(ModelCall(target=MODEL, prompt="x", max_tokens=100_000))
-    assert backend.serves(f"{MODEL}:router")
-    with pytest.raises(BackendError, match="LoRA adapter 'router'"):
+    assert backend.serves(MODEL)
+    assert not backend.serves(f"{MODEL}:router")  # no such adapter loaded or on disk
+    with pytest.raises(BackendError, match="not loaded"):
         await backend.generate(ModelCall(target=f"{MODEL}:router", prompt="x"))
 
 
