@@ -221,6 +221,10 @@ class Engine:
             workers = [self._worker(base)] if base else list(self._workers.values())
             return [a for w in workers for a in w.adapters.info()]
 
+    def adapter_dir(self, base: str) -> Path | None:
+        """The folder a base model loads adapters from on demand (None if not configured)."""
+        return self._worker(base).adapters.adapter_dir
+
     def _resolve(self, name: str) -> tuple[ModelWorker, str | None]:
         """The worker serving `base` or `base:adapter`, and the adapter's full name."""
         base, sep, adapter = name.partition(":")

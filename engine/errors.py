@@ -15,6 +15,7 @@ class CheckpointError(EngineError):
         super().__init__(f"{where}: {message}")
         self.file = file
         self.field = field
+        self.reason = message
 
 
 class UnsupportedArchitectureError(CheckpointError):

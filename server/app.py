@@ -15,6 +15,7 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi import OpenAPIConfig
 
 from engine import Engine
+from server.adapters_api import AdapterController
 from server.catalog import provider_targets
 from server.config import LimitsConfig, ServerConfig
 from server.errors import handle_exception
@@ -34,7 +35,13 @@ VERSION = "0.1.0"
 def create_app(config: ServerConfig, engine: Engine | None = None) -> Litestar:
     """The app; without `engine`, the lifespan creates one and loads the configured models."""
     return Litestar(
-        route_handlers=[OpenAIController, PipelineController, RunController, HealthController],
+        route_handlers=[
+            OpenAIController,
+            AdapterController,
+            PipelineController,
+            RunController,
+            HealthController,
+        ],
         dependencies={
             "engine": Provide(provide_engine, sync_to_thread=False),
             "limits": Provide(provide_limits, sync_to_thread=False),

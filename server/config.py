@@ -56,6 +56,10 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     max_model_len: Positive | None = None
     num_blocks: Positive | None = None
     max_num_seqs: Positive | None = None
+    # LoRA: adapters under this folder load on demand as `<name>:<adapter>`; POST /v1/adapters
+    # may only name folders inside it (a request never points the server at arbitrary files).
+    adapter_dir: str | None = None
+    max_loaded_adapters: int | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `Engine.load_model`, leaving unset ones to the engine."""
@@ -63,6 +67,8 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
             "max_model_len": self.max_model_len,
             "num_blocks": self.num_blocks,
             "max_num_seqs": self.max_num_seqs,
+            "adapter_dir": self.adapter_dir,
+            "max_loaded_adapters": self.max_loaded_adapters,
         }
         return {"dtype": self.dtype} | {k: v for k, v in optional.items() if v is not None}
 
@@ -98,7 +104,12 @@ def load_config(path: str | Path) -> ServerConfig:
     config = parse_config(_read(file), file=str(file))
     base = file.resolve().parent
     models = tuple(
-        msgspec.structs.replace(m, path=str((base / m.path).resolve())) for m in config.models
+        msgspec.structs.replace(
+            m,
+            path=str((base / m.path).resolve()),
+            adapter_dir=str((base / m.adapter_dir).resolve()) if m.adapter_dir else None,
+        )
+        for m in config.models
     )
     env_url = os.environ.get(DATABASE_URL_ENV)
     database_url = (

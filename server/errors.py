@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response
@@ -29,6 +30,7 @@ from litestar.status_codes import (
 from msgspec import Struct
 
 from engine.errors import (
+    AdapterError,
     EngineError,
     InvalidRequestError,
     MemoryBudgetError,
@@ -157,6 +159,13 @@ def _model_not_found(exc: ModelNotFoundError) -> tuple[int, ErrorResponse]:
     return HTTP_404_NOT_FOUND, _body(message, INVALID_REQUEST, "model", "model_not_found")
 
 
+def _bad_adapter(exc: AdapterError) -> tuple[int, ErrorResponse]:
+    # The adapter's own file and field are named; the server's folders are not revealed.
+    where = Path(exc.file).name + (f": {exc.field}" if exc.field else "")
+    message = f"{where}: {exc.reason}"
+    return HTTP_400_BAD_REQUEST, _body(message, INVALID_REQUEST, exc.field, "invalid_adapter")
+
+
 def _invalid_request(exc: InvalidRequestError) -> tuple[int, ErrorResponse]:
     return HTTP_400_BAD_REQUEST, _body(str(exc), INVALID_REQUEST, exc.param)
 
@@ -279,6 +288,7 @@ _CONVERTERS: tuple[tuple[type[Exception], Any], ...] = (
     (ModelNotFoundError, _model_not_found),
     (InvalidRequestError, _invalid_request),
     (ModelAlreadyLoadedError, _conflict),
+    (AdapterError, _bad_adapter),
     (MemoryBudgetError, _memory),
     (RequestTimeoutError, _timeout),
     (ClientDisconnectedError, _disconnected),

@@ -52,9 +52,15 @@ class OpenAIController(Controller):
 
     @get("/models")
     async def list_models(self, engine: NamedDependency[Engine]) -> ModelList:
-        """The models the engine has loaded."""
+        """The models the engine has loaded, and their known LoRA adapters (`base:adapter`)."""
         now = int(time.time())
-        return ModelList(data=[ModelCard(id=name, created=now) for name in engine.model_names()])
+        cards = [ModelCard(id=name, created=now) for name in engine.model_names()]
+        cards += [
+            ModelCard(id=a.name, created=now, parent=a.name.split(":", 1)[0])
+            for a in engine.adapters()
+            if not a.unloading
+        ]
+        return ModelList(data=cards)
 
     # Annotated as Response so that a Stream keeps its own media type; `responses` documents it.
     @post(

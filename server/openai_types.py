@@ -224,6 +224,7 @@ class ModelCard(Struct, kw_only=True):
     created: int
     object: Literal["model"] = "model"
     owned_by: str = "compound"
+    parent: str | None = None  # an adapter's base model
 
 
 class ModelList(Struct, kw_only=True):
