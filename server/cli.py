@@ -193,7 +193,65 @@ def run_validate(args: argparse.Namespace) -> int:
     )
 
 
-COMMANDS: tuple[Callable[[Any], None], ...] = (add_serve, add_run, add_explain, add_validate)
+def add_finetune(subparsers: Any) -> None:
+    """`compound finetune --base DIR --data FILE.jsonl --out DIR`: train a LoRA adapter."""
+    parser = subparsers.add_parser(
+        "finetune",
+        help="train a LoRA adapter (PEFT format)",
+        description="LoRA supervised fine-tuning of an engine checkpoint on chat examples "
+        '(JSONL: {"messages": [...]} or {"prompt", "completion"}); resumable; writes '
+        "adapter_config.json and adapter_model.safetensors that peft loads.",
+    )
+    parser.add_argument("--base", required=True, help="base checkpoint directory")
+    parser.add_argument("--data", required=True, help="training examples (JSONL)")
+    parser.add_argument("--out", required=True, help="adapter output directory")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
+    parser.add_argument(
+        "--target-modules",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated linear layers to adapt (default: all of them)",
+    )
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    parser.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 2e-3)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.set_defaults(func=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Train and save the adapter; 2 when the inputs cannot be used."""
+    import torch
+
+    from engine.errors import CheckpointError
+    from models.finetune import FinetuneConfig, FinetuneError, finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = FinetuneConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        lr=args.lr,
+        steps=args.steps,
+        epochs=args.epochs,
+    )
+    try:
+        figures = finetune(args.base, args.data, args.out, cfg)
+    except (FinetuneError, CheckpointError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    sys.stdout.write(msgspec.json.encode(figures).decode() + "\n")
+    return 0
+
+
+COMMANDS: tuple[Callable[[Any], None], ...] = (
+    add_serve,
+    add_run,
+    add_explain,
+    add_validate,
+    add_finetune,
+)
 
 
 if __name__ == "__main__":
