@@ -1,6 +1,7 @@
 """Typed events of a run, in the order the executor emits them.
 
-`RunStarted` comes first and exactly one of `RunFinished` / `RunFailed` last. Between them,
+`RunStarted` comes first and exactly one of `RunFinished` / `RunFailed` / `RunCancelled` last
+(a run cancelled before it started has no events at all). Between them,
 per step: `StepStarted` (attempt 1), then `StepRetried` before every further attempt (retry or
 fallback), `TokenDelta` while a model streams, and one of `StepFinished` / `StepFailed`; or a
 lone `StepSkipped`. Events encode as JSON objects tagged by `"type"` (e.g. `"step_finished"`);
@@ -97,6 +98,12 @@ class RunFailed(msgspec.Struct, tag="run_failed", **_EVENT):
     failed_step: str | None = None
 
 
+class RunCancelled(msgspec.Struct, tag="run_cancelled", **_EVENT):
+    """The caller cancelled the run; the caller knows why."""
+
+    run_id: str
+
+
 Event = (
     RunStarted
     | StepStarted
@@ -107,6 +114,7 @@ Event = (
     | StepFailed
     | RunFinished
     | RunFailed
+    | RunCancelled
 )
 
 _DECODER = msgspec.json.Decoder(Event)

@@ -107,7 +107,7 @@ async def execute(
     """Run the plan with `inputs`; step failures end up in the result and the events.
 
     Raises `InputError` (before `RunStarted`) when the inputs do not match the spec, and
-    `CancelledError` when the caller cancels (after emitting `RunFailed`).
+    `CancelledError` when the caller cancels (after emitting `RunCancelled`).
     """
     spec = plan.spec
     limits = (limits or RunLimits()).capped(spec.limits)
@@ -127,7 +127,7 @@ async def execute(
         outputs = await _run(plan, ctx, env, limits.run_timeout_s)
     except asyncio.CancelledError:
         ctx.cancel_unfinished()
-        ctx.emit(events.RunFailed(run_id=ctx.run_id, error="run cancelled"))
+        ctx.emit(events.RunCancelled(run_id=ctx.run_id))
         raise
     except Exception as e:
         return _failed(ctx, e, time.monotonic() - started)

@@ -230,6 +230,7 @@ _PROGRESS: dict[type, Callable[[Any], str]] = {
     events.StepFailed: lambda e: f"{e.step} FAILED: {e.error}",
     events.RunFinished: lambda e: f"run finished in {e.duration_s:.2f} s, {e.tokens} tokens",
     events.RunFailed: lambda e: f"run FAILED: {e.error}",
+    events.RunCancelled: lambda _: "run cancelled",
 }
 
 

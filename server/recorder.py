@@ -3,7 +3,8 @@
 The executor never touches the database: it calls `Recorder.emit` with each typed event. The
 recorder hands the event to every subscriber at once and queues it for a writer task, which
 applies what has accumulated in one transaction at a time, in a worker thread, so that a slow
-database never stalls the run. Token deltas go to subscribers only.
+database never stalls the run. Token deltas go to subscribers only, and so does
+`RunCancelled`: only the caller knows why a run was cancelled, and it writes that end itself.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def changes_for(
     """The rows one event changes; `started` remembers when each step began (for failures)."""
     convert = _CONVERTERS.get(type(event))
     if convert is None:
-        return []  # token deltas: streamed, never stored
+        return []  # token deltas and cancellations: streamed, never stored
     at = _EventContext(now=now, started=started, max_output_bytes=max_output_bytes)
     return [convert(event, at)]
 

@@ -3,7 +3,9 @@
 Every run is an asyncio task, whether the client waits for it, streams it or leaves at once;
 the task owns the run's recorder and writes the final state even when it fails or is
 cancelled. Clients await a run through `asyncio.shield`, so a client that goes away never
-cancels a run.
+cancels a run. Cancelling one cancels only its execution, a second task that the run task
+awaits: the run task itself is never interrupted, so it always stores how the run ended, even
+when the execution is cancelled before it starts.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class RunManager:
         self.runtime = runtime
         self.on_finished = on_finished
         self._tasks: dict[str, asyncio.Task[RunRecord]] = {}
+        self._executions: dict[str, asyncio.Task[RunResult]] = {}
         self._cancel_reasons: dict[str, str] = {}
 
     async def start(
@@ -90,22 +93,31 @@ class RunManager:
         await asyncio.to_thread(self.store.create_run, run_id, record, values, actor=actor)
         recorder = Recorder(self.store, run_id, max_output_bytes=self.runtime.max_output_bytes)
         events = recorder.subscribe() if subscribe else None
-        task = asyncio.create_task(self._run(plan, inputs, recorder), name=f"run:{run_id}")
+        execution = asyncio.create_task(
+            self._execute(plan, inputs, recorder), name=f"execute:{run_id}"
+        )
+        task = asyncio.create_task(self._run(plan, execution, recorder), name=f"run:{run_id}")
         self._tasks[run_id] = task
+        self._executions[run_id] = execution
         task.add_done_callback(lambda _: self._forget(run_id))
         return ActiveRun(run_id, task, events)
 
     def cancel(self, run_id: str, reason: str = CANCEL_REASON) -> bool:
-        """Cancel a run of this process; False when it is not running here."""
-        task = self._tasks.get(run_id)
-        if task is None:
+        """Cancel a run of this process; False when it is not running here.
+
+        The first cancel's reason is the one stored; later ones change nothing (cancelling
+        again could interrupt the execution's own clean-up)."""
+        execution = self._executions.get(run_id)
+        if execution is None:
             return False
-        self._cancel_reasons[run_id] = reason
-        task.cancel()
+        if run_id not in self._cancel_reasons:
+            self._cancel_reasons[run_id] = reason
+            execution.cancel()
         return True
 
     def _forget(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
+        self._executions.pop(run_id, None)
         self._cancel_reasons.pop(run_id, None)
 
     @property
@@ -121,17 +133,18 @@ class RunManager:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(
-        self, plan: PhysicalPlan, inputs: dict[str, Any], recorder: Recorder
+        self, plan: PhysicalPlan, execution: asyncio.Task[RunResult], recorder: Recorder
     ) -> RunRecord:
+        """Await the execution and store how the run ended, cancelled ones included."""
         run_id = recorder.run_id
         final = RunChange(values={"status": "failed", "error": "internal error"})
         try:
-            result = await self._execute(plan, inputs, recorder)
-            final = _final(result)
+            final = _final(await execution)
         except asyncio.CancelledError:
             reason = self._cancel_reasons.get(run_id, SHUTDOWN_REASON)
             final = RunChange(values={"status": "cancelled", "error": reason})
-            raise
+            if _cancelling():
+                raise  # this task itself is being cancelled, not just its execution
         except Exception as e:
             # A bug in the executor or a backend: the run must still end, with a safe message.
             logger.exception("run %s crashed", run_id)
@@ -169,6 +182,12 @@ class RunManager:
         if self.on_finished is not None:
             await asyncio.to_thread(self.on_finished, plan, stored)
         return stored
+
+
+def _cancelling() -> bool:
+    """Whether someone is cancelling the current task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _final(result: RunResult) -> RunChange:

@@ -168,6 +168,8 @@ def test_events_become_row_changes() -> None:
     assert (done.values["duration_s"], done.values["tokens"]) == (2.0, 5)
     (end,) = changes(events.RunFailed(run_id="r", error="e", failed_step="a"), 5.0)
     assert (end.values["status"], end.values["failed_step"]) == ("failed", "a")
+    # The run manager stores a cancelled run's end, with the reason only it knows.
+    assert changes(events.RunCancelled(run_id="r"), 6.0) == []
 
 
 def test_cap_output_keeps_small_values_as_json() -> None:

@@ -19,6 +19,7 @@ from engine import Engine
 from server.app import create_app
 from server.config import LimitsConfig, ServerConfig
 from server.runs import CANCEL_REASON, SHUTDOWN_REASON
+from server.store import Change, RunChange, RunRecord
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.stem for p in (REPO / "pipelines").glob("*.yaml"))
@@ -369,16 +370,67 @@ def test_runs_update_statistics_and_audit(client: Client) -> None:
     assert any(action == "run.create" for action, _ in actions)
 
 
-def test_cancel_a_running_run(client: Client) -> None:
+def run_statuses(client: Client, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Run id -> every status written to its row from now on, in order."""
+    store = client.app.state.pipelines.store
+    written: dict[str, list[str]] = {}
+    apply = store.apply
+
+    def recording(run_id: str, changes: list[Change]) -> None:
+        apply(run_id, changes)
+        for change in changes:
+            if isinstance(change, RunChange) and "status" in change.values:
+                written.setdefault(run_id, []).append(change.values["status"])
+
+    monkeypatch.setattr(store, "apply", recording)
+    return written
+
+
+def test_cancel_a_running_run(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     name = unique("slow")
     register(client, name, SLOW_SPEC)
+    written = run_statuses(client, monkeypatch)
     run_id = client.post(f"/v1/pipelines/{name}/runs", json={"wait": False}).json()["run_id"]
     assert client.post(f"/v1/runs/{run_id}/cancel").status_code == 202
     run = wait_finished(client, run_id)
     assert (run["status"], run["error"]) == ("cancelled", CANCEL_REASON)
     assert run["finished_at"] is not None
+    # Never shown as ended any other way first, not even for a moment.
+    assert written[run_id] == ["running", "cancelled"]
     audit = client.app.state.pipelines.store.audit_log(limit=5)
     assert ("run.cancel", f"run:{run_id}") in [(a.action, a.subject) for a in audit]
+
+
+def start_and_cancel(client: Client, name: str, *reasons: str) -> RunRecord:
+    """Start a run of `name`, cancel it (once per reason) before its task gets to run, and
+    wait for it."""
+    service = client.app.state.pipelines
+
+    async def go() -> RunRecord:
+        active = await service.start_run(name, None, {}, actor="test")
+        for reason in reasons:
+            assert service.runs.cancel(active.run_id, reason)
+        return await active.wait()
+
+    return client.blocking_portal.call(go)
+
+
+def test_cancel_a_queued_run(client: Client) -> None:
+    name = unique("slow")
+    register(client, name, SLOW_SPEC)
+    waited = start_and_cancel(client, name, CANCEL_REASON)
+    assert (waited.status, waited.error) == ("cancelled", CANCEL_REASON)
+    run = client.get(f"/v1/runs/{waited.id}").json()
+    assert (run["status"], run["error"]) == ("cancelled", CANCEL_REASON)
+    assert run["started_at"] is None and run["finished_at"] is not None
+    assert waited.id not in client.app.state.pipelines.runs.active
+
+
+def test_the_first_cancel_reason_wins(client: Client) -> None:
+    name = unique("slow")
+    register(client, name, SLOW_SPEC)
+    waited = start_and_cancel(client, name, CANCEL_REASON, SHUTDOWN_REASON)
+    assert (waited.status, waited.error) == ("cancelled", CANCEL_REASON)
 
 
 # -- lifecycle -----------------------------------------------------------------------------------
