@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from engine.errors import AdapterError, ModelNotFoundError
-from engine.lora import AdapterWeights, LoRALinear, LoRAState, load_adapter_weights, wrap_linears
+from engine.lora import (
+    LINEAR_TYPES,
+    AdapterWeights,
+    LoRALinear,
+    LoRAState,
+    load_adapter_weights,
+    wrap_linears,
+)
 
 log = logging.getLogger(__name__)
 _generation = itertools.count(1)
@@ -97,7 +104,7 @@ class AdapterManager:
     def _base_linears(self) -> dict[str, nn.Linear]:
         if self._linears is not None:
             return {k: m.base for k, m in self._linears.items()}
-        return {k: m for k, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        return {k: m for k, m in self.model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
     def add(self, weights: AdapterWeights) -> None:
         """Register read weights (CPU tier) and make them resident if a slot is free."""

@@ -29,6 +29,7 @@ from engine.errors import (
     ModelNotFoundError,
 )
 from engine.kv_cache import BlockManager, KVCache, block_bytes
+from engine.model import transpose_linears
 from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, Sequence
@@ -119,6 +120,8 @@ class Engine:
             )
             tokenizer = Tokenizer.from_dir(path)
             args, model = load_model(path, dtype, self.device)
+            if self.device.type == "cpu":
+                transpose_linears(model)
             model.setup_rope(max_len)
             cache = KVCache(args, num_blocks, block_size, torch_dtype, self.device)
             blocks = BlockManager(num_blocks, block_size, prefix_caching)
@@ -133,7 +136,7 @@ class Engine:
                 weight_bytes=weights,
                 kv_cache_bytes=cache.nbytes,
                 vocab_size=args.vocab_size,
-                num_parameters=sum(p.numel() for p in model.parameters()),
+                num_parameters=weights // torch_dtype.itemsize,
             )
             scheduler = Scheduler(blocks, max_num_seqs, max(max_num_batched_tokens, block_size))
             self._workers[name] = ModelWorker(

@@ -20,7 +20,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from engine.errors import AdapterError
+from engine.model import TransposedLinear
 
+LINEAR_TYPES = (nn.Linear, TransposedLinear)
 # The linears an adapter may target: PEFT names them by their last module name.
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
@@ -168,7 +170,7 @@ class LoRAState:
 class LoRALinear(nn.Module):
     """`nn.Linear` plus stacked adapter slots; a module swap that leaves the base untouched."""
 
-    def __init__(self, base: nn.Linear, num_slots: int, rank: int, state: LoRAState) -> None:
+    def __init__(self, base: nn.Module, num_slots: int, rank: int, state: LoRAState) -> None:
         super().__init__()
         self.base = base
         self.state = state
@@ -215,7 +217,7 @@ def wrap_linears(
     wrapped = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in TARGETABLE and isinstance(child, nn.Linear):
+            if child_name in TARGETABLE and isinstance(child, LINEAR_TYPES):
                 lora = LoRALinear(child, num_slots, rank, state)
                 setattr(module, child_name, lora)
                 wrapped[f"{name}.{child_name}" if name else child_name] = lora
