@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG ?= compound.yaml
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench models clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/engine_throughput.py
+
+# Rebuild the demo zoo under models/ from seeds (resumable; see models/build.py).
+models: install
+	$(BIN)/python -m models.build
 
 clean:
 	rm -rf $(VENV)

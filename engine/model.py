@@ -190,7 +190,11 @@ class Attention(nn.Module):
 
     def _attend_gathered(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta) -> Tensor:
         b, qn = meta.query_index.shape
-        q = q[meta.query_index].transpose(1, 2)  # q: [B, H, Q, D]
+        if qn == 1:  # decode: token i is sequence i, no padding to add or remove
+            q = q.unsqueeze(2)  # q: [B, H, 1, D]
+        else:
+            q = q.index_select(0, meta.query_index.flatten()).view(b, qn, self.n_heads, -1)
+            q = q.transpose(1, 2)  # q: [B, H, Q, D]
         k = _gather_context(k_cache, meta)  # k: [B, H_kv, K, D]
         v = _gather_context(v_cache, meta)
         out = F.scaled_dot_product_attention(
@@ -202,7 +206,7 @@ class Attention(nn.Module):
             enable_gqa=self.n_heads != self.n_kv_heads,
         )  # out: [B, H, Q, D]
         out = out.transpose(1, 2).reshape(b * qn, self.n_heads, self.head_dim)
-        return out[meta.flat_index]  # [T, H, D]
+        return out if qn == 1 else out.index_select(0, meta.flat_index)  # [T, H, D]
 
 
 def _gather_context(cache: Tensor, meta: AttentionMetadata) -> Tensor:
@@ -275,7 +279,7 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """input_ids, positions: [T] -> hidden states [T, dim]."""
         x = self.model.embed_tokens(input_ids)
-        rope = self.rope[positions]  # [T, 2, D]
+        rope = self.rope.index_select(0, positions)  # [T, 2, D]
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, rope, meta, kv_cache)
         return self.model.norm(x)
