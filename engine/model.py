@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ class AttentionMetadata:
     flat_index: Tensor  # [T] int64: position of each new token in the padded [B * Q] layout
     attn_mask: Tensor | None  # [B, 1, Q, K] additive (0 / -inf) in the model dtype, or None
     max_context: int  # K
+    # Mixed prefill/decode steps attend per group (rows of T, the group's own metadata), so
+    # decode rows are not padded to the longest prefill chunk.
+    parts: list[tuple[Tensor, AttentionMetadata]] = field(default_factory=list)
 
 
 class TransposedLinear(nn.Module):
@@ -156,13 +159,22 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, H_kv, D]
         k_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        if meta.mode is AttnMode.FRESH:
-            out = self._attend_fresh(q, k, v)
-        elif meta.mode is AttnMode.KERNEL:
-            out = self._decode_kernel(q, k_cache, v_cache, meta)
-        else:
-            out = self._attend_gathered(q, k_cache, v_cache, meta)
+        out = self._attend(q, (k, v), (k_cache, v_cache), meta)
         return self.o_proj(out.reshape(t, -1))
+
+    def _attend(self, q: Tensor, kv: tuple[Tensor, Tensor], cache, meta) -> Tensor:
+        """Attention of the new tokens q [T, H, D] -> [T, H, D]."""
+        if meta.parts:
+            out = torch.empty_like(q)
+            for rows, part in meta.parts:
+                sub_kv = (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+                out.index_copy_(0, rows, self._attend(q.index_select(0, rows), sub_kv, cache, part))
+            return out
+        if meta.mode is AttnMode.FRESH:
+            return self._attend_fresh(q, *kv)
+        if meta.mode is AttnMode.KERNEL:
+            return self._decode_kernel(q, *cache, meta)
+        return self._attend_gathered(q, *cache, meta)
 
     def _attend_fresh(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out = F.scaled_dot_product_attention(

@@ -65,8 +65,8 @@ class ModelRunner:
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         query_lens = torch.tensor(qlens)
         ends = torch.cumsum(query_lens, 0)
-        meta = self._metadata(
-            query_lens, torch.tensor(starts) + query_lens, ends, table, torch.tensor(slots)
+        meta = self._step_metadata(
+            query_lens, torch.tensor(starts) + query_lens, table, torch.tensor(slots)
         )
         rows = (ends - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
         return StepInput(
@@ -76,6 +76,28 @@ class ModelRunner:
             sample_rows=rows.to(self.device),
             sample_mask=sample_mask,
         )
+
+    def _step_metadata(self, qlens: Tensor, ctx: Tensor, table: Tensor, slots: Tensor):
+        """One metadata for the step, split into decode and prefill groups when they mix."""
+        ends = torch.cumsum(qlens, 0)
+        decode = qlens == 1
+        if bool(decode.all()) or not bool(decode.any()):
+            return self._metadata(qlens, ctx, ends, table, slots)
+        meta = self._metadata(qlens[:1], ctx[:1], qlens[:1], table[:1], slots)
+        meta.parts = [self._part(g, qlens, ctx, (ends, table, slots)) for g in (decode, ~decode)]
+        return meta
+
+    def _part(self, group: Tensor, qlens: Tensor, ctx: Tensor, step: tuple[Tensor, ...]):
+        """(token rows, metadata) of the sequences selected by `group`."""
+        ends, table, slots = step
+        g_qlens, g_ctx = qlens[group], ctx[group]
+        rows = torch.cat(
+            [torch.arange(e - n, e) for e, n in zip(ends[group], g_qlens, strict=True)]
+        )
+        width = -(-int(g_ctx.max()) // self.block_size)
+        g_table = table[group][:, :width]
+        meta = self._metadata(g_qlens, g_ctx, torch.cumsum(g_qlens, 0), g_table, slots[rows])
+        return rows.to(self.device), meta
 
     def _metadata(self, qlens: Tensor, ctx: Tensor, ends: Tensor, table: Tensor, slots: Tensor):
         b, q, k = len(qlens), int(qlens.max()), int(ctx.max())
