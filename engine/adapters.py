@@ -202,6 +202,15 @@ class AdapterManager:
             lora.install(slot, _to(a, lora), _to(b, lora))
         self._slots[slot] = name
         self._lru[name] = None
+        self._update_rank()
+
+    def _update_rank(self) -> None:
+        ranks = [self._cpu[n].config.r for n in self._slots if n is not None and n in self._cpu]
+        self.state.rank = (
+            max(ranks, default=self.max_rank)
+            if len(ranks) == sum(n is not None for n in self._slots)
+            else self.max_rank
+        )
 
     def _evict(self, name: str) -> None:
         slot = self._slot_of(name)

@@ -11,9 +11,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -37,6 +39,7 @@ from engine.tokenizer import Tokenizer
 from engine.worker import ModelInfo, ModelWorker, Sink
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_TOKENS = 32768  # per model when num_blocks is not given, capped by the budget
@@ -66,7 +69,12 @@ class Engine:
         self.device = torch.device(device) if device else default_device()
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget(self.device)
         self._workers: dict[str, ModelWorker] = {}
+        # `_lock` guards the model table only and is never held across a step: submitting a
+        # request from the server's event loop must not wait for a forward pass. State of the
+        # workers (schedulers, adapter slots) belongs to the engine thread; other threads change
+        # it through commands run between steps (`_in_loop`).
         self._lock = threading.RLock()
+        self._load_lock = threading.Lock()
         self._commands: deque = deque()
         self._wake = threading.Event()
         self._stopped = False
@@ -102,8 +110,8 @@ class Engine:
         demand (`<adapter_dir>/<adapter>/adapter_config.json`)."""
         if not name or ":" in name:
             raise InvalidRequestError("model names are non-empty and have no ':'", param="name")
-        with self._lock:
-            if name in self._workers:
+        with self._load_lock:
+            if name in self.model_names():
                 raise ModelAlreadyLoadedError(name)
             path = Path(path)
             args = ModelArgs.from_dir(path)
@@ -139,7 +147,7 @@ class Engine:
                 num_parameters=weights // torch_dtype.itemsize,
             )
             scheduler = Scheduler(blocks, max_num_seqs, max(max_num_batched_tokens, block_size))
-            self._workers[name] = ModelWorker(
+            worker = ModelWorker(
                 info=info,
                 args=args,
                 model=model,
@@ -157,6 +165,8 @@ class Engine:
                 ),
                 device=self.device,
             )
+            with self._lock:
+                self._workers[name] = worker
             log.info("loaded %s from %s: %s", name, path, info)
             return info
 
@@ -186,12 +196,15 @@ class Engine:
 
     def unload_model(self, name: str) -> None:
         """Abort the model's requests and free its memory."""
-        with self._lock:
-            worker = self._workers.pop(name, None)
+
+        def unload() -> None:
+            with self._lock:
+                worker = self._workers.pop(name, None)
             if worker is None:
                 raise ModelNotFoundError(name)
             worker.abort_all(reason="abort", error=f"model {name!r} was unloaded")
-        del worker
+
+        self._in_loop(unload)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -205,9 +218,12 @@ class Engine:
         if adapter is None:
             raise InvalidRequestError("adapter names look like 'base:adapter'", param="name")
         weights = worker.adapters.read(name, path)
-        with self._lock:
+
+        def install() -> AdapterInfo:
             worker.adapters.add(weights)
             return next(a for a in worker.adapters.info() if a.name == name)
+
+        return self._in_loop(install)
 
     def unload_adapter(self, name: str) -> bool:
         """Unload an adapter: new requests are refused at once, in-flight ones finish first.
@@ -215,14 +231,13 @@ class Engine:
         worker, adapter = self._resolve(name)
         if adapter is None:
             raise InvalidRequestError("adapter names look like 'base:adapter'", param="name")
-        with self._lock:
-            return worker.adapters.remove(name)
+        return self._in_loop(lambda: worker.adapters.remove(name))
 
     def adapters(self, base: str | None = None) -> list[AdapterInfo]:
         """Known adapters (of one base model, or all) with their residency."""
         with self._lock:
             workers = [self._worker(base)] if base else list(self._workers.values())
-            return [a for w in workers for a in w.adapters.info()]
+        return self._in_loop(lambda: [a for w in workers for a in w.adapters.info()])
 
     def adapter_dir(self, base: str) -> Path | None:
         """The folder a base model loads adapters from on demand (None if not configured)."""
@@ -236,15 +251,18 @@ class Engine:
 
     def _adapter_ready(self, worker: ModelWorker, name: str) -> None:
         """Make sure a requested adapter is known, loading it from the adapter directory."""
-        with self._lock:
-            if worker.adapters.known(name) and worker.adapters.loaded(name):
-                return
-            if not worker.adapters.known(name):
-                raise ModelNotFoundError(name)
+        # Membership reads need no lock; changes go through the engine thread.
+        if worker.adapters.loaded(name):
+            return
+        if not worker.adapters.known(name):
+            raise ModelNotFoundError(name)
         weights = worker.adapters.read(name, None)
-        with self._lock:
+
+        def install() -> None:
             if not worker.adapters.loaded(name):
                 worker.adapters.add(weights)
+
+        self._in_loop(install)
 
     def model_names(self) -> list[str]:
         """Names of the loaded models."""
@@ -291,8 +309,10 @@ class Engine:
         seq = self._sequence(worker, request)
         if adapter is not None:
             self._adapter_ready(worker, adapter)
-            with self._lock:
+            try:
                 seq.adapter, seq.hash_salt = adapter, worker.adapters.salt(adapter)
+            except KeyError:  # unloaded meanwhile
+                raise ModelNotFoundError(adapter) from None
         prompt_ids = seq.token_ids[:]
         self._commands.append(("add", worker.info.name, seq, request.params, sink))
         self._ensure_thread()
@@ -392,7 +412,8 @@ class Engine:
             raise InvalidRequestError("no tokens", param="token_ids")
         if adapter is not None:
             self._adapter_ready(worker, adapter)
-        with self._lock:
+
+        def forward() -> torch.Tensor:
             slot = worker.adapters.pin(adapter) if adapter else -1
             if slot is None:
                 raise EngineError(f"no free adapter slot for {adapter!r}; retry later")
@@ -401,6 +422,8 @@ class Engine:
             finally:
                 if adapter:
                     worker.adapters.unpin(adapter)
+
+        return self._in_loop(forward)
 
     def _only_model(self) -> str:
         names = self.model_names()
@@ -418,6 +441,16 @@ class Engine:
                 self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
                 self._thread.start()
 
+    def _in_loop(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps and return its result (or raise)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future[T] = Future()
+        self._commands.append(("call", fn, future))
+        self._ensure_thread()
+        self._wake.set()
+        return future.result()
+
     def _loop(self) -> None:
         while not self._stopped:
             self._wake.clear()
@@ -428,15 +461,19 @@ class Engine:
     def _drain_commands(self) -> None:
         while self._commands:
             cmd = self._commands.popleft()
-            with self._lock:
-                if cmd[0] == "add":
-                    self._add(*cmd[1:])
-                else:
-                    for worker in self._workers.values():
-                        worker.abort(cmd[1])
+            if cmd[0] == "add":
+                self._add(*cmd[1:])
+            elif cmd[0] == "call":
+                _call(*cmd[1:])
+            else:
+                with self._lock:
+                    workers = list(self._workers.values())
+                for worker in workers:
+                    worker.abort(cmd[1])
 
     def _add(self, model: str, seq: Sequence, params: SamplingParams, sink: Sink) -> None:
-        worker = self._workers.get(model)
+        with self._lock:
+            worker = self._workers.get(model)
         if worker is None:  # unloaded between submit and now
             sink(
                 StreamDelta(
@@ -459,9 +496,7 @@ class Engine:
         with self._lock:
             workers = list(self._workers.values())
         for worker in workers:
-            with self._lock:
-                if not worker.scheduler.has_work():
-                    continue
+            if worker.scheduler.has_work():
                 busy = True
                 self._step(worker)
         return busy
@@ -477,11 +512,18 @@ class Engine:
         """Stop the loop thread and abort every request."""
         with self._lock:
             self._stopped = True
-            for worker in self._workers.values():
-                worker.abort_all()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        # The engine thread is gone: its state is ours now.
+        while self._commands:
+            cmd = self._commands.popleft()
+            if cmd[0] == "call":
+                cmd[2].set_exception(EngineError("the engine is shut down"))
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.abort_all()
 
     def __enter__(self) -> Engine:
         return self
@@ -526,3 +568,10 @@ def _collector(out: RequestOutput, event: threading.Event) -> Sink:
             event.set()
 
     return sink
+
+
+def _call(fn: Callable[[], T], future: Future[T]) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as e:  # handed to the calling thread
+        future.set_exception(e)

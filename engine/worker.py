@@ -133,6 +133,8 @@ class ModelWorker:
         batch = self.scheduler.schedule()
         if not batch.items:
             return 0
+        if any(seq.lora_slot >= 0 for seq, _ in batch.items):
+            batch.items.sort(key=lambda item: item[0].lora_slot)  # contiguous tokens per adapter
         logits, sample_mask = self.runner.execute(batch)
         for seq, n in batch.items:
             self.scheduler.advance(seq, n)
