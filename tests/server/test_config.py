@@ -20,9 +20,10 @@ def test_shipped_config_lists_demo_base(monkeypatch: pytest.MonkeyPatch) -> None
     assert config.database_url == f"sqlite:///{REPO / 'compound.db'}"
     assert config.pipelines_dir == str(REPO / "pipelines")
     assert config.limits == LimitsConfig()
-    assert [m.name for m in config.models] == ["demo-base"]
+    assert [m.name for m in config.models] == ["demo-base", "demo-large", "demo-draft"]
     assert config.models[0].path == str(REPO / "models" / "demo-base")
-    assert config.models[0].dtype == "auto"
+    assert config.models[0].adapter_dir == str(REPO / "models" / "adapters")
+    assert all(Path(m.path, "config.json").is_file() for m in config.models)
 
 
 def test_empty_file_gives_defaults() -> None:

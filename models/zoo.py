@@ -1,0 +1,236 @@
+"""The zoo's recipe: sizes, data mixture, training lengths, and one function per build stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models import tasks
+from models.tokenizer_train import IM_END, build_tokenizer, render_chat, save_tokenizer, special_ids
+from models.train import (
+    Arch,
+    Doc,
+    TrainConfig,
+    batches,
+    model_args,
+    new_model,
+    save_checkpoint,
+    train,
+)
+from tools.kb import generate_world
+
+log = logging.getLogger(__name__)
+
+# COMPOUND_ZOO_DIR builds the zoo elsewhere (dry runs); the shipped zoo lives next to this file.
+ROOT = Path(os.environ.get("COMPOUND_ZOO_DIR") or Path(__file__).resolve().parent)
+BUILD = ROOT / ".build"
+DATA = BUILD / "data"
+TOKENIZER = BUILD / "tokenizer"
+WORLD_SEED = 0
+
+BASE = Arch(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=384)
+DRAFT = BASE  # the draft starts from demo-base's weights, then learns demo-large's outputs
+GROWTH = {"width": 4, "extra_layers": 2}  # demo-large = demo-base widened 4x, 2 layers added
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much data and how many steps each stage gets."""
+
+    train_examples: dict[str, int]
+    heldout_examples: int
+    world_variants: int
+    base_steps: int
+    large_steps: int
+    draft_steps: int
+    adapter_steps: int
+
+
+BUDGETS = {
+    "full": Budget(
+        train_examples={"router": 8000, "extract": 16000, "planner": 24000, "joiner": 16000},
+        heldout_examples=200,
+        world_variants=4,
+        base_steps=2900,
+        large_steps=40,
+        draft_steps=50,
+        adapter_steps=150,
+    ),
+    "fast": Budget(
+        train_examples={"router": 200, "extract": 200, "planner": 200, "joiner": 200},
+        heldout_examples=20,
+        world_variants=1,
+        base_steps=20,
+        large_steps=4,
+        draft_steps=4,
+        adapter_steps=4,
+    ),
+}
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def stage_data(budget: Budget) -> dict:
+    """Write train/held-out JSONL per task and train the tokenizer on the training text."""
+    world = generate_world(WORLD_SEED)
+    DATA.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for task in tasks.TASKS:
+        for split, n in (
+            ("train", budget.train_examples[task]),
+            ("heldout", budget.heldout_examples),
+        ):
+            examples = tasks.generate(task, split, n, world)
+            write_jsonl(DATA / f"{task}.{split}.jsonl", examples)
+            counts[f"{task}.{split}"] = len(examples)
+    texts = tasks.world_texts(world, budget.world_variants)
+    (DATA / "world.txt").write_text("\n".join(texts) + "\n")
+    corpus = texts + [render_chat(e.messages()) for e in read_all("train")]
+    tok = build_tokenizer(corpus)
+    save_tokenizer(tok, TOKENIZER)
+    return {"examples": counts, "world_texts": len(texts), "vocab_size": tok.get_vocab_size()}
+
+
+def write_jsonl(file: Path, examples: list[tasks.Example]) -> None:
+    """One {"messages": [...], "meta": {...}} object per line (the finetune data format)."""
+    with file.open("w") as f:
+        for e in examples:
+            f.write(
+                json.dumps({"messages": e.messages(), "meta": e.meta}, ensure_ascii=False) + "\n"
+            )
+
+
+def read_jsonl(file: Path) -> list[tasks.Example]:
+    """Examples back from a JSONL file written by write_jsonl."""
+    out = []
+    for line in file.read_text().splitlines():
+        row = json.loads(line)
+        msgs = {m["role"]: m["content"] for m in row["messages"]}
+        out.append(
+            tasks.Example(msgs["system"], msgs["user"], msgs["assistant"], row.get("meta", {}))
+        )
+    return out
+
+
+def read_all(split: str) -> list[tasks.Example]:
+    """Every task's examples of a split."""
+    return [e for task in tasks.TASKS for e in read_jsonl(DATA / f"{task}.{split}.jsonl")]
+
+
+def load_tokenizer():
+    """The trained tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+
+
+def chat_doc(tok, messages: list[dict[str, str]]) -> Doc:
+    """Tokens of a chat; weight 1 on the assistant's answer and its <|im_end|>."""
+    prompt = render_chat(messages[:-1], add_generation_prompt=True)
+    p = tok.encode(prompt, add_special_tokens=False).ids
+    a = tok.encode(messages[-1]["content"] + IM_END, add_special_tokens=False).ids
+    ids = p + a
+    # weights[i] is the weight of predicting ids[i + 1]
+    weights = [0.0] * (len(p) - 1) + [1.0] * len(a) + [0.0]
+    return Doc(ids, weights)
+
+
+def text_doc(tok, text: str) -> Doc:
+    """A plain text with BOS, every next token weighted."""
+    ids = tok.encode(text, add_special_tokens=True).ids
+    return Doc(ids, [1.0] * (len(ids) - 1) + [0.0])
+
+
+def training_docs(tok) -> list[Doc]:
+    """The pretraining mixture: every task's train split plus the world's descriptions."""
+    docs = [chat_doc(tok, e.messages()) for e in read_all("train")]
+    docs += [text_doc(tok, t) for t in (DATA / "world.txt").read_text().splitlines() if t]
+    return docs
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def stage_base(budget: Budget) -> dict:
+    """Pretrain demo-base from scratch on the mixture."""
+    tok = load_tokenizer()
+    args = model_args(BASE, tok.get_vocab_size())
+    model = new_model(args, seed=0)
+    docs = training_docs(tok)
+    cfg = TrainConfig(steps=budget.base_steps, lr=3e-3, seq_len=256, rows=8, warmup=50, seed=0)
+    figures = train(
+        model,
+        list(model.parameters()),
+        lambda start: batches(docs, seq_len=cfg.seq_len, rows=cfg.rows, seed=cfg.seed, start=start),
+        cfg,
+        BUILD / "demo-base",
+        label="demo-base",
+    )
+    save_checkpoint(model, args, TOKENIZER, ROOT / "demo-base", special=special_ids(tok))
+    return {"train": figures, "parameters": _count(model), "arch": BASE.__dict__, "lr": cfg.lr}
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_large(budget: Budget) -> dict:
+    """demo-large: grown from demo-base (function-preserving), then trained further."""
+    from models.grow import grow_checkpoint
+
+    return grow_checkpoint(ROOT / "demo-base", ROOT / "demo-large", GROWTH, budget, BUILD)
+
+
+def stage_draft(budget: Budget) -> dict:
+    """demo-draft: demo-base's weights distilled towards demo-large's next-token distribution."""
+    from models.distill import distill
+
+    return distill(ROOT / "demo-large", ROOT / "demo-base", ROOT / "demo-draft", budget, BUILD)
+
+
+def stage_adapters(budget: Budget) -> dict:
+    """One LoRA adapter per task, trained with the same code as `compound finetune`."""
+    from models.finetune import FinetuneConfig, finetune
+
+    figures = {}
+    for task in tasks.TASKS:
+        cfg = FinetuneConfig(steps=budget.adapter_steps, rank=8, alpha=16, lr=2e-3)
+        figures[task] = finetune(
+            ROOT / "demo-base",
+            DATA / f"{task}.train.jsonl",
+            ROOT / "adapters" / task,
+            cfg,
+            work_dir=BUILD / "adapters" / task,
+        )
+    return figures
+
+
+def stage_eval(budget: Budget) -> dict:
+    """Held-out figures through the engine (bench/demo_eval.py)."""
+    from bench.demo_eval import evaluate_zoo
+
+    return evaluate_zoo(ROOT, DATA, BUILD / "merged", limit=budget.heldout_examples)
+
+
+def stage_cards(budget: Budget) -> dict:
+    """Write README.md model cards from the stages' figures."""
+    from models.cards import write_cards
+
+    return write_cards(ROOT, BUILD)
+
+
+STAGE_FUNCTIONS = {
+    "data": stage_data,
+    "demo-base": stage_base,
+    "demo-large": stage_large,
+    "demo-draft": stage_draft,
+    "adapters": stage_adapters,
+    "eval": stage_eval,
+    "cards": stage_cards,
+}

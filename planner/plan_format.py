@@ -1,0 +1,195 @@
+"""The plan format a `plan` step's model writes: LLMCompiler-style numbered tool calls.
+
+A plan is one call per line, numbered from 1, ending with `join()`. An argument is a JSON
+literal (string, number, true, false, null) or `$K`, the output of line K; inside a string,
+`$K` is replaced by that output's text. Every reference points to an earlier line, so the
+lines form a DAG and independent lookups run in parallel.
+
+    1. kb.lookup(entity="Zarnoth", field="population")
+    2. kb.lookup(entity="Velmora", field="population")
+    3. calc(expression="$1 * (1 + 20/100) > $2 * (1 - 10/100)")
+    4. join()
+
+The grammar (EBNF; spaces around `=` and after `,` are optional, blank lines are not allowed):
+
+    plan     = { line "\\n" } join_line [ "\\n" ]
+    line     = index ". " call
+    join_line = index ". join()"
+    index    = digit { digit }                        (1, 2, 3, ... in order)
+    call     = tool "(" [ arg { "," " "? arg } ] ")"
+    tool     = name { "." name }                      e.g. kb.lookup, calc
+    arg      = name "=" value
+    value    = string | number | "true" | "false" | "null" | "$" index
+    string   = JSON string (double quotes, backslash escapes)
+    name     = letter { letter | digit | "_" }
+
+    >>> plan = parse_plan('1. kb.lookup(entity="Ukel", field="height_m")\\n2. join()')
+    >>> plan.steps[0].tool, plan.steps[0].args
+    ('kb.lookup', {'entity': 'Ukel', 'field': 'height_m'})
+    >>> substitute({"expression": "$1 * 2"}, {1: 150})
+    {'expression': '150 * 2'}
+    >>> format_plan(plan) == '1. kb.lookup(entity="Ukel", field="height_m")\\n2. join()'
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import msgspec
+
+JOIN = "join"
+MAX_STEPS = 32
+
+_LINE = re.compile(r"(?P<index>\d+)\. (?P<tool>[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)\((?P<args>.*)\)")
+_ARG_NAME = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*")
+_REF = re.compile(r"\$(\d+)")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_WORDS = {"true": True, "false": False, "null": None}
+
+
+class PlanSyntaxError(ValueError):
+    """A plan that does not follow the grammar; `line` is 1-based (0: the plan as a whole)."""
+
+    def __init__(self, line: int, message: str) -> None:
+        self.line = line
+        self.message = message
+        super().__init__(line, message)
+
+    def __str__(self) -> str:
+        return f"plan line {self.line}: {self.message}" if self.line else f"plan: {self.message}"
+
+
+class Ref(msgspec.Struct, frozen=True):
+    """An argument that is exactly `$K`: the whole output of line K."""
+
+    index: int
+
+
+class PlanStep(msgspec.Struct, frozen=True):
+    """One numbered tool call; `deps` are the lines its arguments refer to."""
+
+    index: int
+    tool: str
+    args: dict[str, Any]
+    deps: tuple[int, ...] = ()
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """The tool calls of a plan, in order, without the final join()."""
+
+    steps: tuple[PlanStep, ...]
+
+
+def parse_plan(text: str) -> Plan:
+    """Parse plan text; PlanSyntaxError names the first line that breaks the grammar."""
+    lines = text.strip().split("\n")
+    if len(lines) > MAX_STEPS + 1:
+        raise PlanSyntaxError(0, f"more than {MAX_STEPS} steps")
+    steps = [_parse_line(n, line) for n, line in enumerate(lines, start=1)]
+    last = steps.pop()
+    if last.tool != JOIN or last.args:
+        raise PlanSyntaxError(len(lines), "the last line must be join()")
+    for step in steps:
+        if step.tool == JOIN:
+            raise PlanSyntaxError(step.index, "join() must be the last line only")
+    return Plan(tuple(steps))
+
+
+def _parse_line(n: int, line: str) -> PlanStep:
+    match = _LINE.fullmatch(line.strip())
+    if match is None:
+        raise PlanSyntaxError(n, f"expected `{n}. tool(arg=value, ...)`, got {line.strip()!r}")
+    if int(match["index"]) != n:
+        raise PlanSyntaxError(n, f"expected line number {n}, got {match['index']}")
+    args = _parse_args(n, match["args"])
+    deps = sorted({k for value in args.values() for k in _refs(value)})
+    for k in deps:
+        if not 1 <= k < n:
+            raise PlanSyntaxError(n, f"${k} does not refer to an earlier line")
+    return PlanStep(n, match["tool"], args, tuple(deps))
+
+
+def _parse_args(n: int, text: str) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    pos = 0
+    while pos < len(text.rstrip()):
+        if args:
+            if text[pos] != ",":
+                raise PlanSyntaxError(n, f"expected `,` at column {pos + 1} of the arguments")
+            pos += 1
+        name = _ARG_NAME.match(text, pos)
+        if name is None:
+            raise PlanSyntaxError(n, f"expected `name=` at column {pos + 1} of the arguments")
+        if name[1] in args:
+            raise PlanSyntaxError(n, f"argument {name[1]!r} given twice")
+        args[name[1]], pos = _parse_value(n, text, name.end())
+        pos = len(text) - len(text[pos:].lstrip())
+    return args
+
+
+def _parse_value(n: int, text: str, pos: int) -> tuple[Any, int]:
+    if text.startswith('"', pos):
+        try:
+            value, end = json.JSONDecoder().raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise PlanSyntaxError(n, f"invalid string ({e.msg})") from e
+        return value, end
+    if text.startswith("$", pos):
+        ref = re.compile(r"\$(\d+)").match(text, pos)
+        if ref is None:
+            raise PlanSyntaxError(n, "expected a line number after `$`")
+        return Ref(int(ref[1])), ref.end()
+    for word, value in _WORDS.items():
+        if text.startswith(word, pos):
+            return value, pos + len(word)
+    number = _NUMBER.match(text, pos)
+    if number is None:
+        raise PlanSyntaxError(n, f"expected a value at column {pos + 1} of the arguments")
+    literal = number[0]
+    return (float(literal) if any(c in literal for c in ".eE") else int(literal)), number.end()
+
+
+def _refs(value: Any) -> list[int]:
+    if isinstance(value, Ref):
+        return [value.index]
+    if isinstance(value, str):
+        return [int(k) for k in _REF.findall(value)]
+    return []
+
+
+def substitute(args: dict[str, Any], results: dict[int, Any]) -> dict[str, Any]:
+    """Arguments with `$K` replaced: a bare reference by the output, in a string by its text."""
+    return {name: _substitute(value, results) for name, value in args.items()}
+
+
+def _substitute(value: Any, results: dict[int, Any]) -> Any:
+    if isinstance(value, Ref):
+        return results[value.index]
+    if isinstance(value, str):
+        return _REF.sub(lambda m: result_text(results[int(m[1])]), value)
+    return value
+
+
+def result_text(value: Any) -> str:
+    """How an output reads inside a string argument or a joiner prompt (JSON, bare strings)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def format_plan(plan: Plan) -> str:
+    """The text of a plan, join() included; parse_plan(format_plan(p)) == p."""
+    lines = [f"{s.index}. {s.tool}({_format_args(s.args)})" for s in plan.steps]
+    lines.append(f"{len(plan.steps) + 1}. {JOIN}()")
+    return "\n".join(lines)
+
+
+def _format_args(args: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={_format_value(value)}" for name, value in args.items())
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, Ref):
+        return f"${value.index}"
+    return json.dumps(value, ensure_ascii=False)
