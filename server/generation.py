@@ -227,8 +227,9 @@ async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]
 
 async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
     # The body is already read: the next ASGI message can only be the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    message = await request.receive()
+    while message["type"] != "http.disconnect":
+        message = await request.receive()
 
 
 async def _pump(
