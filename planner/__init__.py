@@ -4,7 +4,7 @@
 ```python
 spec = load_spec(text)                                   # SpecErrors: every problem, with line/col
 plan = compile_spec(spec, catalog=Catalog(models={"demo-base"}, tools=registry.schemas()))
-print(explain(plan))                                     # estimates and the critical path
+text = explain(plan)                                     # estimates and the critical path
 ```
 """
 

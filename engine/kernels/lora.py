@@ -20,12 +20,13 @@ token blocks alone would leave SMs idle; the expand sums the split partials as i
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.splits import choose_num_splits
 
 # Tokens per program: the smallest row count of a tensor-core dot.
 _BLOCK_T = 16
@@ -221,7 +222,7 @@ def _shrink_parts(
     rank = lora_a.shape[1]
     block_r = _block_r(rank)
     blocks = triton.cdiv(tokens, _BLOCK_T)
-    splits = num_splits or _choose_num_splits(x.device, blocks, in_features)
+    splits = num_splits or choose_num_splits(x.device, blocks, in_features, _MIN_SPLIT_K)
     block_k = _block(triton.cdiv(in_features, splits), block_r, x.element_size(), high=256)
     split_k = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
     splits = triton.cdiv(in_features, split_k)  # rounding split_k up may leave fewer splits
@@ -305,23 +306,6 @@ def _block(size: int, block_r: int, itemsize: int, *, high: int) -> int:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 must not round to tf32; 16-bit inputs ignore the setting.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the query is not free)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _choose_num_splits(device: torch.device, programs: int, in_features: int) -> int:
-    """Split `in` only when the token blocks alone would leave SMs idle (decode-sized steps)."""
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device)
-    if programs >= sms:
-        return 1
-    wanted = triton.cdiv(2 * sms, programs)
-    return max(1, min(wanted, in_features // _MIN_SPLIT_K))
 
 
 def lora_shrink_ref(

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from engine.kernels.splits import choose_num_splits
+
 _LOG2E = 1.4426950408889634
 # Without dots the kernel holds a [G, TILE_N, D] fp32 product per tile; tiles of this many
 # elements compile without register spills on sm_90 (checked with cuobjdump), at 8 warps.
@@ -224,7 +226,7 @@ def paged_attention_decode(
     span = block_tables.shape[1] * block_size
     if sliding_window is not None:
         span = min(span, sliding_window)
-    splits = num_splits or _choose_num_splits(q.device, batch * n_kv, span)
+    splits = num_splits or choose_num_splits(q.device, batch * n_kv, span, _MIN_SPLIT_TOKENS)
     meta = _launch_meta(n_heads // n_kv, head_dim, block_size, k_cache.dtype)
     split_tokens = triton.cdiv(triton.cdiv(span, splits), meta["TILE_N"]) * meta["TILE_N"]
     launch = functools.partial(
@@ -346,23 +348,6 @@ def _merge_splits(o_part: torch.Tensor, m_part: torch.Tensor, l_part: torch.Tens
     # clamp only turns an empty context's 0 / 0 into 0 / 1.
     total = weight.sum(dim=1).clamp_min(1.0)
     return (weight.unsqueeze(-1) * o_part).sum(dim=1) / total.unsqueeze(-1)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the query is not free)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _choose_num_splits(device: torch.device, programs: int, span_tokens: int) -> int:
-    """Split the context only when (sequence, kv head) programs alone would leave SMs idle."""
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device)
-    if programs >= sms:
-        return 1
-    wanted = triton.cdiv(2 * sms, programs)
-    return max(1, min(wanted, span_tokens // _MIN_SPLIT_TOKENS))
 
 
 def paged_attention_decode_ref(
