@@ -21,7 +21,12 @@ from server.config import LimitsConfig, ServerConfig
 from server.errors import handle_exception
 from server.health import HealthController
 from server.openai_api import OpenAIController
-from server.pipelines_api import PipelineController, RunController
+from server.pipelines_api import (
+    PipelineController,
+    RegistryController,
+    RunController,
+    reload_pipelines,
+)
 from server.runtime import build_backends
 from server.service import PipelineService
 from server.store import Store
@@ -40,6 +45,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Litestar:
             AdapterController,
             PipelineController,
             RunController,
+            RegistryController,
+            reload_pipelines,
             HealthController,
         ],
         dependencies={
@@ -99,9 +106,17 @@ async def _pipelines_lifespan(app: Litestar) -> AsyncIterator[None]:
     config: ServerConfig = app.state.config
     service = await asyncio.to_thread(start_pipelines, config, app.state.engine)
     app.state.pipelines = service
+    poller = (
+        asyncio.create_task(poll_registry(service, config.poll_interval_s), name="registry-poll")
+        if service.registry is not None and config.poll_interval_s > 0
+        else None
+    )
     try:
         yield
     finally:
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
         app.state.pipelines = None
         await service.runs.shutdown()
         await service.close()
@@ -121,7 +136,28 @@ def start_pipelines(config: ServerConfig, engine: Engine) -> PipelineService:
     )
     service.refresh_statistics()
     service.register_directory(config.pipelines_dir)
+    if config.pipelines_repo is not None:
+        service.use_git(
+            config.pipelines_repo,
+            branch=config.pipelines_branch,
+            commit_posted=config.commit_posted,
+        )
     return service
+
+
+async def poll_registry(service: PipelineService, interval_s: float) -> None:
+    """Follow new commits of the pipelines branch every `interval_s` seconds until cancelled;
+    a failed check is logged and retried at the next tick (serving goes on)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if await asyncio.to_thread(service.reload):
+                logger.info(
+                    "pipelines branch moved to %s",
+                    service.registry and service.registry.status().head,
+                )
+        except Exception:
+            logger.exception("checking the pipelines repository failed")
 
 
 def start_engine(config: ServerConfig) -> Engine:

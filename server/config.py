@@ -95,6 +95,15 @@ class ServerConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     # Specs registered at start-up; one that does not load or bind is logged and skipped.
     pipelines_dir: str = "pipelines"
+    # A local git repository of specs (the top-level *.yaml/*.yml/*.json files): `name` serves
+    # the latest valid version on `pipelines_branch`, `name@<tag|branch|commit>` any version.
+    pipelines_repo: str | None = None
+    pipelines_branch: Annotated[str, Meta(min_length=1, max_length=200)] = "main"
+    # Seconds between checks of the branch for new commits; 0 only on POST /v1/registry/reload.
+    poll_interval_s: Annotated[float, Meta(ge=0)] = 5.0
+    # POST /v1/pipelines commits the spec to `pipelines_branch` (author and message from the
+    # request) instead of storing it in the database only.
+    commit_posted: bool = False
 
 
 def load_config(path: str | Path) -> ServerConfig:
@@ -125,6 +134,9 @@ def load_config(path: str | Path) -> ServerConfig:
         models=models,
         database_url=database_url,
         pipelines_dir=str((base / config.pipelines_dir).resolve()),
+        pipelines_repo=str((base / config.pipelines_repo).resolve())
+        if config.pipelines_repo
+        else None,
         tools=tools,
     )
 

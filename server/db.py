@@ -104,7 +104,9 @@ class RunRow(Base):
     pipeline: Mapped[str] = mapped_column(String(64))
     version: Mapped[int]
     content_hash: Mapped[str] = mapped_column(String(64))
-    commit: Mapped[str | None] = mapped_column(String(64))
+    commit: Mapped[str | None] = mapped_column(String(64))  # the commit the spec was read from
+    ref: Mapped[str | None] = mapped_column(String(256))  # what the caller asked for: name@ref
+    rerun_of: Mapped[str | None] = mapped_column(String(36))
     status: Mapped[str] = mapped_column(String(16), index=True)
     inputs: Mapped[Any]
     outputs: Mapped[Any | None]

@@ -80,11 +80,60 @@ class RequestTimeoutError(ServerError):
 class PipelineNotFoundError(ServerError):
     """No pipeline of that name (or no such version of it) is registered."""
 
-    def __init__(self, name: str, version: int | None = None) -> None:
+    def __init__(self, name: str, version: int | None = None, *, reason: str | None = None) -> None:
         what = f"{name!r} version {version}" if version is not None else repr(name)
-        super().__init__(f"no pipeline {what} is registered")
+        super().__init__(f"no pipeline {what} is registered" + (f": {reason}" if reason else ""))
         self.name = name
         self.version = version
+        self.reason = reason
+
+
+class GitError(ServerError):
+    """A git command failed, or the pipelines repository is not usable (a server problem)."""
+
+
+class BadRefError(GitError):
+    """A ref that is not a plain branch, tag or commit name (refused before git sees it)."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"{ref!r} is not a valid branch, tag or commit name")
+        self.ref = ref
+
+
+class UnknownRefError(GitError):
+    """A ref that names no commit of the repository (or a short commit that is ambiguous)."""
+
+    def __init__(self, ref: str, reason: str = "names no commit") -> None:
+        super().__init__(f"{ref!r} {reason}")
+        self.ref = ref
+
+
+class InvalidAuthorError(GitError):
+    """A commit author that is not `Name <email>`."""
+
+    def __init__(self, author: str) -> None:
+        super().__init__(f"author {author[:200]!r} is not of the form 'Name <email>'")
+
+
+class GitConflictError(GitError):
+    """The branch moved while the server committed to it."""
+
+
+class CommitRequiredError(ServerError):
+    """A spec POSTed to a server that commits posted specs came without an author."""
+
+    def __init__(self) -> None:
+        super().__init__("this server commits posted specs to git: pass ?author=Name <email>")
+
+
+class RerunMismatchError(ServerError):
+    """The stored spec of a run no longer hashes to the run's recorded content hash."""
+
+    def __init__(self, run_id: str, recorded: str, actual: str) -> None:
+        super().__init__(
+            f"run {run_id!r} ran content {recorded}, but the stored spec hashes to {actual}"
+        )
+        self.run_id = run_id
 
 
 class RunNotFoundError(ServerError):
@@ -263,6 +312,18 @@ def _pipeline_not_found(exc: PipelineNotFoundError) -> tuple[int, ErrorResponse]
     return HTTP_404_NOT_FOUND, _body(str(exc), INVALID_REQUEST, "name", "pipeline_not_found")
 
 
+def _git(exc: GitError) -> tuple[int, ErrorResponse]:
+    # git's own message may name server paths: it goes to the log, not to the client.
+    logger.error("pipelines repository: %s", exc)
+    return HTTP_500_INTERNAL_SERVER_ERROR, _body("pipelines repository error", SERVER_ERROR)
+
+
+def _git_client(exc: ServerError) -> tuple[int, ErrorResponse]:
+    conflict = isinstance(exc, GitConflictError | RerunMismatchError)
+    status = HTTP_409_CONFLICT if conflict else HTTP_400_BAD_REQUEST
+    return status, _body(str(exc), INVALID_REQUEST)
+
+
 def _run_not_found(exc: RunNotFoundError) -> tuple[int, ErrorResponse]:
     return HTTP_404_NOT_FOUND, _body(str(exc), INVALID_REQUEST, "run_id", "run_not_found")
 
@@ -283,6 +344,11 @@ _CONVERTERS: tuple[tuple[type[Exception], Any], ...] = (
     (InvariantError, _invariant),
     (PipelineNotFoundError, _pipeline_not_found),
     (RunNotFoundError, _run_not_found),
+    (InvalidAuthorError, _git_client),
+    (GitConflictError, _git_client),
+    (CommitRequiredError, _git_client),
+    (RerunMismatchError, _git_client),
+    (GitError, _git),
     (PayloadTooLargeError, _too_large),
     (UnsupportedMediaTypeError, _media_type),
     (ModelNotFoundError, _model_not_found),

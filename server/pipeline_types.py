@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from server.git_registry import GitVersion
 from server.store import PipelineRecord, RunRecord, StepRecord
 
 _REQUEST = {"forbid_unknown_fields": True, "frozen": True, "kw_only": True}
@@ -32,13 +33,29 @@ class RunRequest(Struct, **_REQUEST):
     version: Version | None = None  # default: the latest
 
 
+class RerunRequest(Struct, **_REQUEST):
+    """Body of `POST /v1/runs/{run_id}/rerun`."""
+
+    wait: bool = True
+    stream: bool = False
+
+
+class CommitRequest(Struct, **_REQUEST):
+    """Who commits a POSTed spec to the pipelines repository, and why (`--commit-posted`)."""
+
+    author: Annotated[str, Meta(max_length=300)]  # "Name <email>"
+    message: Annotated[str, Meta(max_length=4000)] | None = None
+
+
 class PipelineCreated(Struct, **_RESPONSE):
-    """Answer to a registration: the version that holds this content."""
+    """Answer to a registration: the version that holds this content (and, when the server
+    commits posted specs, the commit)."""
 
     name: str
     version: int
     content_hash: str
     created: bool
+    commit: str | None = None
 
 
 class PipelineSummary(Struct, **_RESPONSE):
@@ -84,11 +101,66 @@ class PipelineList(Struct, **_RESPONSE):
     pipelines: list[PipelineSummary]
 
 
+class CommitVersion(Struct, **_RESPONSE):
+    """One commit of a pipeline file's git history; `problems` when its spec does not
+    validate there (such a commit is never served as the latest version)."""
+
+    commit: str
+    path: str
+    tags: list[str]
+    author: str
+    date: str
+    subject: str
+    content_hash: str | None
+    deleted: bool
+    valid: bool
+    problems: list[str]
+
+    @classmethod
+    def of(cls, version: GitVersion) -> CommitVersion:
+        """The API view of a history entry."""
+        return cls(
+            commit=version.commit,
+            path=version.path,
+            tags=list(version.tags),
+            author=version.author,
+            date=version.date,
+            subject=version.subject,
+            content_hash=version.content_hash,
+            deleted=version.deleted,
+            valid=not version.deleted and not version.problems,
+            problems=list(version.problems),
+        )
+
+
 class PipelineVersions(Struct, **_RESPONSE):
-    """Body of `GET /v1/pipelines/{name}/versions`, oldest first."""
+    """Body of `GET /v1/pipelines/{name}/versions`: stored versions oldest first, and (with a
+    git registry) the commits of the pipeline's file, newest first, renames followed."""
 
     name: str
     versions: list[PipelineSummary]
+    commits: list[CommitVersion] = []
+
+
+class RegistryProblem(Struct, **_RESPONSE):
+    """A spec of the branch head that does not validate."""
+
+    commit: str
+    path: str
+    name: str | None
+    problems: list[str]
+
+
+class RegistryStatus(Struct, **_RESPONSE):
+    """Body of `GET /v1/registry`: what the last scan of the branch found."""
+
+    enabled: bool
+    branch: str | None = None
+    head: str | None = None
+    checked_at: datetime | None = None
+    pipelines: dict[str, str] = {}  # name -> commit of its served (latest valid) version
+    removed: dict[str, str] = {}  # name -> commit that deleted it
+    problems: list[RegistryProblem] = []
 
 
 class ExplainResponse(Struct, **_RESPONSE):
@@ -133,6 +205,8 @@ class RunInfo(Struct, **_RESPONSE):
     version: int
     content_hash: str
     commit: str | None
+    ref: str | None
+    rerun_of: str | None
     inputs: Any
     outputs: Any
     error: str | None
@@ -159,6 +233,8 @@ class RunInfo(Struct, **_RESPONSE):
             version=record.version,
             content_hash=record.content_hash,
             commit=record.commit,
+            ref=record.ref,
+            rerun_of=record.rerun_of,
             inputs=record.inputs,
             outputs=record.outputs,
             error=record.error,

@@ -18,9 +18,16 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
 
 from executor.events import Event, encode_event
-from server.errors import ProblemsResponse, RunNotFoundError, UnsupportedMediaTypeError
+from server.errors import (
+    PipelineNotFoundError,
+    ProblemsResponse,
+    RunNotFoundError,
+    UnsupportedMediaTypeError,
+)
 from server.openai_types import ErrorResponse
 from server.pipeline_types import (
+    CommitRequest,
+    CommitVersion,
     ExplainFormat,
     ExplainRequest,
     ExplainResponse,
@@ -29,11 +36,15 @@ from server.pipeline_types import (
     PipelineList,
     PipelineSummary,
     PipelineVersions,
+    RegistryProblem,
+    RegistryStatus,
+    RerunRequest,
     RunAccepted,
     RunInfo,
     RunList,
     RunRequest,
 )
+from server.runs import ActiveRun
 from server.service import PipelineService, spec_document
 from server.store import RunStatus
 
@@ -63,20 +74,27 @@ class PipelineController(Controller):
         },
     )
     async def register(
-        self, request: Request[Any, Any, Any], pipelines: Service
+        self,
+        request: Request[Any, Any, Any],
+        pipelines: Service,
+        author: Annotated[str | None, Parameter(max_length=300)] = None,
+        message: Annotated[str | None, Parameter(max_length=4000)] = None,
     ) -> Response[PipelineCreated]:
         """Register a spec (YAML or JSON by Content-Type); 201 for a new version, 200 when
-        identical content is registered already."""
+        identical content is registered already. A server run with `--commit-posted` commits
+        the spec to its pipelines repository as `author` ("Name <email>") with `message`."""
         fmt = _spec_format(request.content_type[0])
         body = await request.body()
+        commit = CommitRequest(author=author, message=message) if author else None
         record, created = await asyncio.to_thread(
-            pipelines.register, body, fmt, actor=_actor(request)
+            pipelines.register, body, fmt, actor=_actor(request), commit=commit
         )
         answer = PipelineCreated(
             name=record.name,
             version=record.version,
             content_hash=record.content_hash,
             created=created,
+            commit=record.commit,
         )
         return Response(answer, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
@@ -88,14 +106,14 @@ class PipelineController(Controller):
 
     @get("/{name:str}", responses=NOT_FOUND)
     async def get_pipeline(self, name: str, pipelines: Service) -> PipelineDetail:
-        """The latest version, with its spec."""
+        """The latest version (or `name@ref`), with its spec."""
         return await asyncio.to_thread(_detail, pipelines, name, None)
 
     @get("/{name:str}/versions", responses=NOT_FOUND)
     async def list_versions(self, name: str, pipelines: Service) -> PipelineVersions:
-        """Every version, oldest first."""
-        records = await asyncio.to_thread(pipelines.store.pipeline_versions, name)
-        return PipelineVersions(name=name, versions=[PipelineSummary.of(r) for r in records])
+        """Stored versions, oldest first, and the git history of the pipeline's file (commit,
+        tags, author, date, content hash, problems), newest first."""
+        return await asyncio.to_thread(_versions, pipelines, name)
 
     @get("/{name:str}/versions/{version:int}", responses=NOT_FOUND)
     async def get_version(self, name: str, version: int, pipelines: Service) -> PipelineDetail:
@@ -130,12 +148,7 @@ class PipelineController(Controller):
         active = await pipelines.start_run(
             name, data.version, data.inputs, actor=_actor(request), subscribe=data.stream
         )
-        if active.events is not None:
-            return Stream(_sse(active.events), media_type=EVENT_STREAM, headers=STREAM_HEADERS)
-        if not data.wait:
-            accepted = RunAccepted(run_id=active.run_id, status="queued")
-            return Response(accepted, status_code=HTTP_202_ACCEPTED)
-        return Response(RunInfo.of(await active.wait()))
+        return await _answer(active, wait=data.wait)
 
 
 class RunController(Controller):
@@ -170,6 +183,19 @@ class RunController(Controller):
         """EXPLAIN ANALYZE: the run's plan, estimates next to actual figures."""
         return await asyncio.to_thread(pipelines.explain_run, run_id, format)
 
+    @post("/{run_id:str}/rerun", status_code=HTTP_200_OK, responses={**NOT_FOUND, **INVALID})
+    async def rerun(
+        self,
+        request: Request[Any, Any, Any],
+        run_id: str,
+        data: JSONBody[RerunRequest],
+        pipelines: Service,
+    ) -> Response[Any]:
+        """Run a recorded run again: the exact spec it ran (checked by its content hash, even
+        after the branch moved on) with the same inputs; the new run names the old one."""
+        active = await pipelines.rerun(run_id, actor=_actor(request), subscribe=data.stream)
+        return await _answer(active, wait=data.wait)
+
     @post("/{run_id:str}/cancel", status_code=HTTP_202_ACCEPTED)
     async def cancel_run(
         self, request: Request[Any, Any, Any], run_id: str, pipelines: Service
@@ -181,6 +207,60 @@ class RunController(Controller):
             pipelines.store.audit, _actor(request), "run.cancel", f"run:{run_id}", {}
         )
         return RunAccepted(run_id=run_id, status="cancelling")
+
+
+class RegistryController(Controller):
+    """The git-backed registry: what the branch head serves, and specs that do not validate."""
+
+    path = "/v1/registry"
+    tags = ("pipelines",)
+
+    @get("/")
+    async def status(self, pipelines: Service) -> RegistryStatus:
+        """The last scan: head commit, served versions, removed pipelines, invalid specs."""
+        return _registry_status(pipelines)
+
+    @post("/reload", status_code=HTTP_200_OK)
+    async def reload(self, pipelines: Service) -> RegistryStatus:
+        """Follow new commits of the branch now (the server also polls)."""
+        await asyncio.to_thread(pipelines.reload)
+        return _registry_status(pipelines)
+
+
+@post("/v1/pipelines:reload", status_code=HTTP_200_OK, tags=["pipelines"])
+async def reload_pipelines(pipelines: Service) -> RegistryStatus:
+    """Same as `POST /v1/registry/reload`."""
+    await asyncio.to_thread(pipelines.reload)
+    return _registry_status(pipelines)
+
+
+def _registry_status(pipelines: PipelineService) -> RegistryStatus:
+    registry = pipelines.registry
+    if registry is None:
+        return RegistryStatus(enabled=False)
+    state = registry.status()
+    return RegistryStatus(
+        enabled=True,
+        branch=registry.branch,
+        head=state.head,
+        checked_at=state.checked_at,
+        pipelines={name: r.commit or "" for name, r in sorted(state.current.items())},
+        removed=dict(state.removed),
+        problems=[
+            RegistryProblem(commit=p.commit, path=p.path, name=p.name, problems=list(p.messages))
+            for p in state.problems
+        ],
+    )
+
+
+async def _answer(active: ActiveRun, *, wait: bool) -> Response[Any]:
+    """The run's events (streaming), 202 at once (`wait: false`), or the finished run."""
+    if active.events is not None:
+        return Stream(_sse(active.events), media_type=EVENT_STREAM, headers=STREAM_HEADERS)
+    if not wait:
+        accepted = RunAccepted(run_id=active.run_id, status="queued")
+        return Response(accepted, status_code=HTTP_202_ACCEPTED)
+    return Response(RunInfo.of(await active.wait()))
 
 
 def _spec_format(media_type: str) -> str | None:
@@ -198,14 +278,30 @@ def _actor(request: Request[Any, Any, Any]) -> str:
     return f"http:{request.client.host}" if request.client else "http:unknown"
 
 
+def _versions(pipelines: PipelineService, name: str) -> PipelineVersions:
+    """Stored versions and git history; 404 only when neither knows the name."""
+    commits = [CommitVersion.of(v) for v in pipelines.git_versions(name)]
+    try:
+        records = pipelines.store.pipeline_versions(name)
+    except PipelineNotFoundError:
+        if not commits:
+            raise
+        records = []
+    return PipelineVersions(
+        name=name, versions=[PipelineSummary.of(r) for r in records], commits=commits
+    )
+
+
 def _detail(pipelines: PipelineService, name: str, version: int | None) -> PipelineDetail:
-    record = pipelines.store.get_pipeline(name, version)
+    ref = f"{name}@{version}" if version is not None else name
+    resolved = pipelines.resolve(ref)
+    record = resolved.record
     return PipelineDetail(
         name=record.name,
         version=record.version,
         content_hash=record.content_hash,
         declared_version=record.declared_version,
-        commit=record.commit,
+        commit=resolved.commit,
         created_at=record.created_at,
         spec=spec_document(record),
         spec_text=record.spec_text,

@@ -26,7 +26,7 @@ from executor.run import RunLimits, RunResult, execute
 from planner.physical import PhysicalPlan
 from server.db import utcnow
 from server.recorder import Recorder, jsonable
-from server.store import PipelineRecord, RunChange, RunRecord, Store
+from server.store import PipelineRecord, Provenance, RunChange, RunRecord, Store
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +84,17 @@ class RunManager:
         *,
         actor: str,
         subscribe: bool = False,
+        provenance: Provenance | None = None,
     ) -> ActiveRun:
-        """Check the inputs (`InputError` before anything is stored), store a queued run, and
-        start it; with `subscribe`, the returned run carries its live events."""
+        """Check the inputs (`InputError` before anything is stored), store a queued run (with
+        the ref and commit it came from), and start it; with `subscribe`, the returned run
+        carries its live events."""
         # Stored with defaults filled in: the run record says exactly what the run saw.
         values = validate_inputs(plan.spec.inputs, inputs)
         run_id = str(uuid.uuid4())
-        await asyncio.to_thread(self.store.create_run, run_id, record, values, actor=actor)
+        await asyncio.to_thread(
+            self.store.create_run, run_id, record, values, actor=actor, provenance=provenance
+        )
         recorder = Recorder(self.store, run_id, max_output_bytes=self.runtime.max_output_bytes)
         events = recorder.subscribe() if subscribe else None
         execution = asyncio.create_task(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,21 @@ from planner import (
     explain,
     load_spec,
 )
-from server.catalog import build_catalog, spec_files, spec_format
+from server.catalog import build_catalog, spec_files, spec_format, split_ref
 from server.config import LimitsConfig
-from server.errors import PayloadTooLargeError, PipelineNotFoundError
-from server.pipeline_types import ExplainFormat, ExplainResponse
+from server.errors import (
+    CommitRequiredError,
+    GitError,
+    PayloadTooLargeError,
+    PipelineNotFoundError,
+    RerunMismatchError,
+)
+from server.git_registry import GitRegistry, GitVersion
+from server.git_repo import GitRepo
+from server.pipeline_types import CommitRequest, ExplainFormat, ExplainResponse
 from server.runs import ActiveRun, RunManager, Runtime
 from server.runtime import SubPipelines, run_limits, statistics
-from server.store import PipelineRecord, RunRecord, Store
+from server.store import PipelineRecord, Provenance, Resolved, RunRecord, Store, content_hash
 from tools import ToolRegistry
 
 logger = logging.getLogger(__name__)
@@ -69,6 +78,24 @@ class PipelineService:
         )
         self.backends = backends
         self.runs = RunManager(store, runtime, on_finished=self._analyzed)
+        self.registry: GitRegistry | None = None
+        self.commit_posted = False
+        # Refs being resolved by this thread: a spec that names itself (a@v1 -> b -> a@v1)
+        # must not make binding recurse forever (the run-time depth limit catches the cycle).
+        self._resolving = threading.local()
+
+    def use_git(self, path: str, *, branch: str, commit_posted: bool = False) -> GitRegistry:
+        """Serve pipelines from the git repository at `path` and scan `branch` now."""
+        self.registry = GitRegistry(
+            GitRepo(path), branch=branch, store=self.store, compile=self._compile_git
+        )
+        self.commit_posted = commit_posted
+        self.registry.refresh()
+        return self.registry
+
+    def reload(self) -> bool:
+        """Follow new commits of the registry's branch; True when the head moved."""
+        return self.registry.refresh() if self.registry is not None else False
 
     async def close(self) -> None:
         """Close provider connections and the database pool (after `runs.shutdown()`)."""
@@ -89,17 +116,50 @@ class PipelineService:
         """Reload the cost model's statistics from the database."""
         self.stats = statistics(self.store.statistics())
 
-    def register(self, text: bytes, fmt: str | None, *, actor: str) -> tuple[PipelineRecord, bool]:
-        """Load, bind and store a spec; the flag is True when a new version was created."""
+    def register(
+        self, text: bytes, fmt: str | None, *, actor: str, commit: CommitRequest | None = None
+    ) -> tuple[PipelineRecord, bool]:
+        """Load, bind and store a spec; the flag is True when a new version was created.
+
+        With `commit_posted` and a git registry, the spec is committed to the branch first
+        (author and message from `commit`) and stored with that commit."""
         if len(text) > self.limits.max_spec_bytes:
             raise PayloadTooLargeError("the spec", len(text), self.limits.max_spec_bytes)
         fmt = fmt or _sniff(text)
         plan = compile_text(
             text, catalog=self.catalog(), stats=self.stats, fmt=fmt, source="<request>"
         )
-        return self.store.register_pipeline(
-            plan.spec, text=text.decode("utf-8-sig"), fmt=fmt, actor=actor
+        sha = self._commit_posted(plan, text, fmt, commit)
+        stored = self.store.register_pipeline(
+            plan.spec, text=text.decode("utf-8-sig"), fmt=fmt, actor=actor, commit=sha
         )
+        if sha is not None and self.registry is not None:
+            self.registry.refresh()  # serve the new commit now, not at the next poll
+        return stored
+
+    def _commit_posted(
+        self, plan: PhysicalPlan, text: bytes, fmt: str, commit: CommitRequest | None
+    ) -> str | None:
+        """Commit a posted spec to the registry's branch when configured to; the new sha."""
+        registry = self.registry
+        if registry is None or not self.commit_posted:
+            return None
+        if commit is None:
+            raise CommitRequiredError()
+        name = plan.spec.name
+        path = registry.path_of(name) or f"{name}.{fmt}"
+        content = text
+        if spec_format(Path(path)) == "json" and fmt != "json":
+            content = json.dumps(msgspec.to_builtins(plan.spec), indent=2).encode() + b"\n"
+        message = commit.message or f"{name}: update from POST /v1/pipelines"
+        sha = registry.repo.commit_file(
+            branch=registry.branch,
+            path=path,
+            content=content,
+            author=commit.author,
+            message=message,
+        )
+        return sha
 
     def plan(self, record: PipelineRecord) -> PhysicalPlan:
         """Compile a stored version against the current catalog and statistics."""
@@ -112,14 +172,59 @@ class PipelineService:
             source=f"{record.name}@{record.version}",
         )
 
+    def resolve(self, ref: str) -> Resolved:
+        """THE lookup of a pipeline by reference, for every endpoint (runs, explain, chat).
+
+        - `name`: the latest valid version on the git branch when the registry knows the name,
+          else the latest stored version;
+        - `name@<n>` (digits): stored version n;
+        - `name@<tag>`, `name@<branch>`, `name@<commit>` (full or unique short sha): the spec
+          named `name` read from that exact commit (stored, with its commit, on first use);
+        - `name@<label>` git does not resolve: the newest stored version whose spec declares
+          `version: <label>` or whose commit starts with it (so a commit git has lost still
+          resolves when it was used before).
+
+        Raises `PipelineNotFoundError` naming the ref (404), `SpecErrors` when the spec at
+        that ref does not validate (422). Synchronous: call it in a worker thread.
+        """
+        name, label = split_ref(ref)
+        if label is not None and label.isdigit():
+            return Resolved.of(self.store.get_pipeline(name, int(label)), ref)
+        if self.registry is None:
+            record = self.store.resolve(ref) if label else self.store.get_pipeline(name)
+            return Resolved.of(record, ref)
+        try:
+            found = self.registry.lookup(name, label)
+        except PipelineNotFoundError as missing:
+            if label is None:
+                raise
+            return self._stored_or(ref, missing)
+        if found is not None:
+            return found
+        return Resolved.of(self.store.resolve(ref) if label else self.store.get_pipeline(name), ref)
+
+    def _stored_or(self, ref: str, missing: PipelineNotFoundError) -> Resolved:
+        """A stored version matching `ref`, else `missing` (which says why git did not)."""
+        try:
+            return Resolved.of(self.store.resolve(ref), ref)
+        except PipelineNotFoundError:
+            raise missing from None
+
     def plan_ref(self, ref: str) -> PhysicalPlan:
-        """The plan of `name`, `name@<version>` or `name@<label>` (for `pipeline` steps)."""
-        return self.plan(self.store.resolve(ref))
+        """The plan of `name` or `name@<ref>` (see `resolve`), e.g. for `pipeline` steps."""
+        return self.plan(self.resolve(ref).record)
 
     def explain(self, name: str, version: int | None, fmt: ExplainFormat) -> ExplainResponse:
-        """EXPLAIN a stored version: the plan with estimates and the critical path."""
-        record = self.store.get_pipeline(name, version)
+        """EXPLAIN a version (`name` may be `name@ref`): the plan with estimates and the
+        critical path."""
+        record = self.resolve(_ref(name, version)).record
         return _explained(record, self.plan(record), fmt, analyze=None)
+
+    def git_versions(self, name: str) -> list[GitVersion]:
+        """The git history of `name`'s file (empty without a registry or for REST pipelines)."""
+        if self.registry is None:
+            return []
+        return self.registry.versions(name) or []
 
     def explain_run(self, run_id: str, fmt: ExplainFormat) -> ExplainResponse:
         """EXPLAIN ANALYZE a stored run: estimates next to what each step actually did."""
@@ -164,11 +269,28 @@ class PipelineService:
         return record
 
     def _has_pipeline(self, ref: str) -> bool:
+        active: set[str] = self._resolving.__dict__.setdefault("refs", set())
+        if ref in active:
+            return True
+        active.add(ref)
         try:
-            self.store.resolve(ref)
-        except PipelineNotFoundError:
+            self.resolve(ref)
+        except (PipelineNotFoundError, PlannerError, GitError):
             return False
+        finally:
+            active.discard(ref)
         return True
+
+    def _compile_git(
+        self, text: bytes, fmt: str, source: str, names: frozenset[str]
+    ) -> PhysicalPlan:
+        """Compile a spec of the repository; `names` (its commit's other specs) count as known."""
+        catalog = build_catalog(
+            models=self.models,
+            tools=self.tools.schemas(),
+            pipelines=lambda ref: split_ref(ref)[0] in names or self._has_pipeline(ref),
+        )
+        return compile_text(text, catalog=catalog, stats=self.stats, fmt=fmt, source=source)
 
     def _analyzed(self, _plan: PhysicalPlan, _run: RunRecord) -> None:
         self.refresh_statistics()
@@ -184,10 +306,53 @@ class PipelineService:
         actor: str,
         subscribe: bool = False,
     ) -> ActiveRun:
-        """Plan the stored version and start a run of it (`InputError` before anything starts)."""
-        record = await asyncio.to_thread(self.store.get_pipeline, name, version)
-        plan = await asyncio.to_thread(self.plan, record)
-        return await self.runs.start(record, plan, inputs, actor=actor, subscribe=subscribe)
+        """Resolve `name` (or `name@ref`, or version `version`), plan it and start a run of it
+        (`InputError` before anything starts); the run records the ref and the commit."""
+        resolved = await asyncio.to_thread(self.resolve, _ref(name, version))
+        return await self.start_resolved(resolved, inputs, actor=actor, subscribe=subscribe)
+
+    async def start_resolved(
+        self,
+        resolved: Resolved,
+        inputs: dict[str, Any],
+        *,
+        actor: str,
+        subscribe: bool = False,
+        rerun_of: str | None = None,
+    ) -> ActiveRun:
+        """Plan a resolved pipeline and start a run of it, recording where its spec came from."""
+        plan = await asyncio.to_thread(self.plan, resolved.record)
+        provenance = Provenance(ref=resolved.ref, commit=resolved.commit, rerun_of=rerun_of)
+        return await self.runs.start(
+            resolved.record,
+            plan,
+            inputs,
+            actor=actor,
+            subscribe=subscribe,
+            provenance=provenance,
+        )
+
+    async def rerun(self, run_id: str, *, actor: str, subscribe: bool = False) -> ActiveRun:
+        """Run a recorded run again with the exact spec it ran (checked by content hash) and
+        the inputs it was given, whatever the branch says now."""
+        resolved = await asyncio.to_thread(self._recorded_spec, run_id)
+        run = await asyncio.to_thread(self.store.get_run, run_id)
+        return await self.start_resolved(
+            resolved, run.inputs, actor=actor, subscribe=subscribe, rerun_of=run_id
+        )
+
+    def _recorded_spec(self, run_id: str) -> Resolved:
+        run = self.store.get_run(run_id)
+        record = self.store.pipeline_by_hash(run.pipeline, run.content_hash)
+        actual = content_hash(load_spec(record.spec_text, fmt=record.spec_format))
+        if actual != run.content_hash:
+            raise RerunMismatchError(run_id, run.content_hash, actual)
+        return Resolved(record=record, ref=run.ref or run.pipeline, commit=run.commit)
+
+
+def _ref(name: str, version: int | None) -> str:
+    """`name@version` when a version number is given, else `name` as written (maybe name@ref)."""
+    return f"{split_ref(name)[0]}@{version}" if version is not None else name
 
 
 def _sniff(text: bytes) -> str:

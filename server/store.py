@@ -52,6 +52,30 @@ class PipelineRecord(msgspec.Struct, **_RECORD):
     created_at: datetime
 
 
+class Resolved(msgspec.Struct, **_RECORD):
+    """A pipeline reference resolved to exact content: the stored version, what was asked for
+    (`ref`), and where the content was read from (`commit` and `path` in the git registry)."""
+
+    record: PipelineRecord
+    ref: str
+    commit: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def of(cls, record: PipelineRecord, ref: str) -> Resolved:
+        """A stored version reached without git (its commit, if any, as registered)."""
+        return cls(record=record, ref=ref, commit=record.commit)
+
+
+class Provenance(msgspec.Struct, **_RECORD):
+    """What a run records besides the pipeline version: the requested ref, the commit its spec
+    was read from, and the run it repeats."""
+
+    ref: str | None = None
+    commit: str | None = None
+    rerun_of: str | None = None
+
+
 class StepRecord(msgspec.Struct, **_RECORD):
     """One step of a stored run."""
 
@@ -78,6 +102,8 @@ class RunRecord(msgspec.Struct, **_RECORD):
     version: int
     content_hash: str
     commit: str | None
+    ref: str | None
+    rerun_of: str | None
     status: str
     inputs: Any
     outputs: Any
@@ -251,6 +277,18 @@ class Store:
             raise PipelineNotFoundError(ref)
         return _pipeline(row)
 
+    def pipeline_by_hash(self, name: str, digest: str) -> PipelineRecord:
+        """The version of `name` whose content hash is `digest` (there is at most one)."""
+        with self._session() as session:
+            row = session.scalar(
+                select(PipelineRow).where(
+                    PipelineRow.name == name, PipelineRow.content_hash == digest
+                )
+            )
+        if row is None:
+            raise PipelineNotFoundError(name, reason=f"no version with content hash {digest}")
+        return _pipeline(row)
+
     def pipeline_versions(self, name: str) -> list[PipelineRecord]:
         """Every version of `name`, oldest first; `PipelineNotFoundError` when there is none."""
         with self._session() as session:
@@ -282,16 +320,26 @@ class Store:
     # -- runs ------------------------------------------------------------------------------------
 
     def create_run(
-        self, run_id: str, pipeline: PipelineRecord, inputs: dict[str, Any], *, actor: str
+        self,
+        run_id: str,
+        pipeline: PipelineRecord,
+        inputs: dict[str, Any],
+        *,
+        actor: str,
+        provenance: Provenance | None = None,
     ) -> RunRecord:
-        """Store a queued run of `pipeline`."""
+        """Store a queued run of `pipeline`; `provenance` names the ref and commit it came from
+        (the commit defaults to the one the version was registered with)."""
+        origin = provenance or Provenance()
         with self._session.begin() as session:
             row = RunRow(
                 id=run_id,
                 pipeline=pipeline.name,
                 version=pipeline.version,
                 content_hash=pipeline.content_hash,
-                commit=pipeline.commit,
+                commit=origin.commit or pipeline.commit,
+                ref=origin.ref,
+                rerun_of=origin.rerun_of,
                 status="queued",
                 inputs=inputs,
             )
@@ -302,7 +350,7 @@ class Store:
                 actor,
                 "run.create",
                 f"run:{run_id}",
-                {"pipeline": pipeline.name, "version": pipeline.version},
+                {"pipeline": pipeline.name, "version": pipeline.version, "ref": origin.ref},
             )
             return _run(row, steps=False)
 
@@ -454,6 +502,8 @@ def _run(row: RunRow, *, steps: bool) -> RunRecord:
         version=row.version,
         content_hash=row.content_hash,
         commit=row.commit,
+        ref=row.ref,
+        rerun_of=row.rerun_of,
         status=row.status,
         inputs=row.inputs,
         outputs=row.outputs,

@@ -1,0 +1,317 @@
+"""Pipelines kept as spec files in a git repository: `name`, `name@<tag|branch|commit>`.
+
+A pipeline is the spec file (at the top of the repository) whose `name:` is that name. Its
+content is always read from one exact commit, so every version stays runnable after the file
+changes, moves or is deleted, and after the branch is rewritten, as long as git still holds the
+commit. What was ever resolved is also stored in the database with its commit and content
+hash, so a commit that git has since garbage-collected still resolves from there.
+
+`refresh()` follows the configured branch: each new head is scanned, every spec compiled
+against the server's catalog; a valid one becomes the latest version of its name, an invalid
+one is reported (`status()`, the versions listing, the log) and leaves the last good version in
+place. Blobs are immutable, so what a blob loads to is cached by its id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from planner import PhysicalPlan, SpecError, SpecErrors, load_spec
+from server.catalog import SPEC_SUFFIXES, split_ref
+from server.errors import BadRefError, GitError, PipelineNotFoundError, UnknownRefError
+from server.git_repo import GitRepo, TreeFile
+from server.store import Resolved, Store, content_hash
+
+logger = logging.getLogger(__name__)
+
+GIT_ACTOR = "git"
+# Compiles spec text against the server's catalog: (text, format, source, names) -> plan, where
+# `names` are pipeline names that count as registered (the other specs of the same commit).
+Compile = Callable[[bytes, str, str, frozenset[str]], PhysicalPlan]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedBlob:
+    """What one spec file's content loads to: its name and hash, or why it does not load."""
+
+    text: str
+    fmt: str
+    name: str | None
+    content_hash: str | None
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GitSpec:
+    """A spec file of one commit."""
+
+    commit: str
+    path: str
+    blob: str
+    loaded: LoadedBlob
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """A spec of the branch head that does not validate (its name keeps its last good version)."""
+
+    commit: str
+    path: str
+    name: str | None
+    messages: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GitVersion:
+    """One commit of a pipeline file's history."""
+
+    commit: str
+    path: str
+    tags: tuple[str, ...]
+    author: str
+    date: str
+    subject: str
+    content_hash: str | None
+    deleted: bool
+    problems: tuple[str, ...]
+
+
+@dataclass(kw_only=True)
+class _State:
+    """What the last scan of the branch found."""
+
+    head: str | None = None
+    checked_at: datetime | None = None
+    current: dict[str, Resolved] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)  # last known path, deleted ones too
+    removed: dict[str, str] = field(default_factory=dict)  # name -> commit that removed it
+    problems: list[Problem] = field(default_factory=list)
+
+
+class GitRegistry:
+    """The git-backed registry over one repository and branch; safe across threads."""
+
+    def __init__(self, repo: GitRepo, *, branch: str, store: Store, compile: Compile) -> None:
+        self.repo = repo
+        self.branch = branch
+        self.store = store
+        self.compile = compile
+        self._state = _State()
+        self._lock = threading.Lock()
+        self._blobs: dict[tuple[str, str], LoadedBlob] = {}
+        self._checked: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    # -- following the branch --------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Scan the branch head if it moved; True when it did."""
+        head = self.repo.resolve(self.branch)
+        with self._lock:
+            if head == self._state.head:
+                self._state.checked_at = _now()
+                return False
+            self._state = self._scan(head, self._state)
+        return True
+
+    def _scan(self, head: str, old: _State) -> _State:
+        specs = self.specs_at(head)
+        names = frozenset(s.loaded.name for s in specs if s.loaded.name)
+        new = _State(head=head, checked_at=_now(), paths=dict(old.paths))
+        new.removed = {n: c for n, c in old.removed.items() if n not in names}
+        new.removed |= {n: head for n in old.current if n not in names}
+        counts = _name_counts(specs)
+        for spec in specs:
+            self._scan_one(spec, names, counts, old, new)
+        return new
+
+    def _scan_one(
+        self, spec: GitSpec, names: frozenset[str], counts: dict[str, int], old: _State, new: _State
+    ) -> None:
+        name = spec.loaded.name
+        problems = self._validate(spec, names)
+        if name and counts[name] > 1:
+            problems = (*problems, f"{counts[name]} files at this commit declare name {name!r}")
+        if name:
+            new.paths[name] = spec.path
+        if problems:
+            new.problems.append(
+                Problem(commit=spec.commit, path=spec.path, name=name, messages=problems)
+            )
+            logger.warning("%s@%s: invalid, not served: %s", spec.path, spec.commit[:12], problems)
+            if name and name in old.current:
+                new.current[name] = old.current[name]  # the last good version stays
+            return
+        assert name is not None  # a spec without problems loaded, so it has a name
+        new.current[name] = self._ingest(spec, ref=name, names=names)
+
+    # -- resolving -------------------------------------------------------------------------------
+
+    def lookup(self, name: str, label: str | None) -> Resolved | None:
+        """`name` (latest good version on the branch) or `name@label`; None when git does not
+        know the name at all (REST-registered pipelines), `PipelineNotFoundError` naming the
+        ref when the name is known but the ref does not resolve."""
+        if label is None:
+            return self._latest(name)
+        ref = f"{name}@{label}"
+        try:
+            commit = self.repo.resolve(label)
+        except (BadRefError, UnknownRefError) as e:
+            raise PipelineNotFoundError(ref, reason=_gone(str(e), label)) from e
+        spec = self._named(commit, name)
+        if spec is None:
+            raise PipelineNotFoundError(ref, reason=f"no spec named {name!r} at commit {commit}")
+        return self._ingest(spec, ref=ref, names=frozenset({name}))
+
+    def _latest(self, name: str) -> Resolved | None:
+        state = self._state
+        if name in state.current:
+            return state.current[name]
+        if name in state.removed:
+            at = state.removed[name]
+            raise PipelineNotFoundError(
+                name, reason=f"deleted from branch {self.branch} at commit {at}"
+            )
+        return None
+
+    def _named(self, commit: str, name: str) -> GitSpec | None:
+        found = [s for s in self.specs_at(commit) if s.loaded.name == name]
+        if len(found) > 1:
+            paths = ", ".join(s.path for s in found)
+            raise GitError(f"{len(found)} files declare {name!r} at commit {commit}: {paths}")
+        return found[0] if found else None
+
+    def _ingest(self, spec: GitSpec, *, ref: str, names: frozenset[str]) -> Resolved:
+        """Compile and store the spec (`SpecErrors` when it does not validate)."""
+        plan = self.compile(spec.loaded.text.encode(), spec.loaded.fmt, _source(spec), names)
+        record, _ = self.store.register_pipeline(
+            plan.spec,
+            text=spec.loaded.text,
+            fmt=spec.loaded.fmt,
+            actor=GIT_ACTOR,
+            commit=spec.commit,
+        )
+        return Resolved(record=record, ref=ref, commit=spec.commit, path=spec.path)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def specs_at(self, commit: str) -> list[GitSpec]:
+        """The spec files at the top of a commit (dot files left out), loaded."""
+        return [
+            GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=self._load(f))
+            for f in self.repo.files(commit)
+            if _is_spec(f.path)
+        ]
+
+    def _load(self, file: TreeFile) -> LoadedBlob:
+        fmt = SPEC_SUFFIXES[_suffix(file.path)]
+        key = (file.blob, fmt)
+        if key not in self._blobs:
+            self._blobs[key] = _load_blob(self.repo.blob(file.blob), fmt, file.path)
+        return self._blobs[key]
+
+    def _validate(self, spec: GitSpec, names: frozenset[str]) -> tuple[str, ...]:
+        """Problems of a spec file: load errors, then bind and plan errors (cached by blob)."""
+        if spec.loaded.problems:
+            return spec.loaded.problems
+        key = (spec.blob, spec.loaded.fmt)
+        if key not in self._checked:
+            try:
+                self.compile(spec.loaded.text.encode(), spec.loaded.fmt, _source(spec), names)
+                self._checked[key] = ()
+            except SpecErrors as e:
+                self._checked[key] = tuple(str(err) for err in e.errors)
+            except SpecError as e:
+                self._checked[key] = (str(e),)
+        return self._checked[key]
+
+    def path_of(self, name: str) -> str | None:
+        """The file that holds (or last held) `name` on the branch."""
+        return self._state.paths.get(name)
+
+    def versions(self, name: str) -> list[GitVersion] | None:
+        """The history of the file holding `name` on the branch (renames followed), newest
+        first; None when git does not know the name."""
+        path = self.path_of(name)
+        if path is None:
+            return None
+        tags = self.repo.tags()
+        names = frozenset(self._state.current) | {name}
+        versions = []
+        for change in self.repo.history(f"refs/heads/{self.branch}", path):
+            loaded = (
+                self._load(TreeFile(path=change.path, blob=change.blob)) if change.blob else None
+            )
+            spec = (
+                GitSpec(commit=change.commit, path=change.path, blob=change.blob, loaded=loaded)
+                if loaded is not None and change.blob
+                else None
+            )
+            versions.append(
+                GitVersion(
+                    commit=change.commit,
+                    path=change.path,
+                    tags=tuple(tags.get(change.commit, ())),
+                    author=change.author,
+                    date=change.date,
+                    subject=change.subject,
+                    content_hash=loaded.content_hash if loaded else None,
+                    deleted=change.blob is None,
+                    problems=self._validate(spec, names) if spec else (),
+                )
+            )
+        return versions
+
+    def status(self) -> _State:
+        """A snapshot of what the last scan found."""
+        return self._state
+
+
+def _load_blob(data: bytes, fmt: str, path: str) -> LoadedBlob:
+    text = data.decode("utf-8-sig", "replace")
+    try:
+        spec = load_spec(data, fmt=fmt, source=path)  # type: ignore[arg-type]
+    except SpecErrors as e:
+        problems = tuple(str(err) for err in e.errors)
+        return LoadedBlob(text=text, fmt=fmt, name=None, content_hash=None, problems=problems)
+    return LoadedBlob(
+        text=text, fmt=fmt, name=spec.name, content_hash=content_hash(spec), problems=()
+    )
+
+
+def _name_counts(specs: list[GitSpec]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in specs:
+        if s.loaded.name:
+            counts[s.loaded.name] = counts.get(s.loaded.name, 0) + 1
+    return counts
+
+
+def _gone(message: str, label: str) -> str:
+    """The reason a ref does not resolve, with a hint when it looks like a vanished commit."""
+    if len(label) == 40 and all(c in "0123456789abcdef" for c in label):
+        return f"commit {label} is not in the repository (history rewritten and collected?)"
+    return message
+
+
+def _is_spec(path: str) -> bool:
+    return not path.startswith(".") and _suffix(path) in SPEC_SUFFIXES
+
+
+def _suffix(path: str) -> str:
+    dot = path.rfind(".")
+    return path[dot:].lower() if dot > 0 else ""
+
+
+def _source(spec: GitSpec) -> str:
+    return f"{spec.path}@{spec.commit[:12]}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = ["GitRegistry", "GitSpec", "GitVersion", "Problem", "split_ref"]

@@ -1,0 +1,247 @@
+"""A local git repository of pipeline specs, read (and optionally written) through the git CLI.
+
+The git CLI rather than a Python library: it is installed wherever a pipelines repository is,
+adds no dependency, and gives git's exact semantics for what this module needs (`rev-parse`
+for tags, branches and unique short commits; `log --follow` for renames; `cat-file` for the
+content of any commit still in the object store, reachable or not).
+
+Every user-supplied ref is checked against a strict pattern before git sees it and is passed
+after `--end-of-options`, so a ref can never be read as an option. Content is always read from
+an exact commit (`<sha>:<path>`), never from the working tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import (
+    BadRefError,
+    GitConflictError,
+    GitError,
+    InvalidAuthorError,
+    UnknownRefError,
+)
+
+GIT_TIMEOUT_S = 30
+ZERO_SHA = "0" * 40
+# Branch, tag or (short) commit: no options, ranges, reflog or revision syntax (`~ ^ : @{`).
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_AUTHOR = re.compile(r"^(?P<name>[^<>\n]{1,100}) <(?P<email>[^<>\s]{1,200})>$")
+# Git ignores these when it reads identity and commit data; we refuse them outright.
+_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
+
+
+def check_ref(ref: str) -> str:
+    """`ref` when it is a plain branch, tag or commit name; `BadRefError` otherwise."""
+    if not _REF.match(ref) or ".." in ref or "//" in ref or ref.endswith((".lock", "/", ".")):
+        raise BadRefError(ref)
+    return ref
+
+
+def parse_author(author: str) -> tuple[str, str]:
+    """`Name <email>` -> (name, email); `GitError` for anything else."""
+    match = _AUTHOR.match(author.strip())
+    if not match:
+        raise InvalidAuthorError(author)
+    return match.group("name").strip(), match.group("email")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileChange:
+    """One commit in a file's history: the path it had there and its blob (None: deleted)."""
+
+    commit: str
+    path: str
+    blob: str | None
+    author: str
+    date: str
+    subject: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TreeFile:
+    """A file of a commit's tree."""
+
+    path: str
+    blob: str
+
+
+class GitRepo:
+    """Read-mostly access to one local repository (bare or not)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+        if not self.path.exists():
+            raise GitError(f"{self.path}: no such directory")
+        self.git_dir = Path(self.run("rev-parse", "--absolute-git-dir").strip())
+
+    def run(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> str:
+        """Run git in the repository; its stdout, or `GitError` with its stderr."""
+        return self.run_bytes(*args, stdin=stdin, env=env).decode("utf-8", "replace")
+
+    def run_bytes(
+        self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+    ) -> bytes:
+        """Run git; raw stdout."""
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(self.path), *args],
+                input=stdin,
+                capture_output=True,
+                timeout=GIT_TIMEOUT_S,
+                env={**os.environ, **_ENV, **(env or {})},
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise GitError(f"git {args[0]}: {e}") from e
+        if done.returncode != 0:
+            message = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise GitError(f"git {args[0]}: {message[-1] if message else done.returncode}")
+        return done.stdout
+
+    # -- commits and refs ------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """The full sha of the commit `ref` names (branch, tag, full or unique short sha)."""
+        check_ref(ref)
+        try:
+            out = self.run("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+        except GitError as e:
+            reason = "is an ambiguous short commit" if _ambiguous(self, ref) else "names no commit"
+            raise UnknownRefError(ref, reason) from e
+        return out.strip()
+
+    def has_commit(self, sha: str) -> bool:
+        """Whether the object store still holds commit `sha` (reachable or not)."""
+        if not _SHA.match(sha):
+            return False
+        try:
+            self.run("cat-file", "-e", f"{sha}^{{commit}}")
+        except GitError:
+            return False
+        return True
+
+    def tags(self) -> dict[str, list[str]]:
+        """Commit sha -> names of the tags on it (annotated tags peeled to their commit)."""
+        out = self.run(
+            "for-each-ref", "--format=%(objectname) %(*objectname) %(refname:short)", "refs/tags"
+        )
+        tags: dict[str, list[str]] = {}
+        for line in out.splitlines():
+            obj, peeled, name = line.split(" ", 2)
+            tags.setdefault(peeled or obj, []).append(name)
+        return tags
+
+    def is_ancestor(self, sha: str, branch: str) -> bool:
+        """Whether `sha` is in the history of `branch` (False after a history rewrite)."""
+        try:
+            self.run("merge-base", "--is-ancestor", sha, f"refs/heads/{check_ref(branch)}")
+        except GitError:
+            return False
+        return True
+
+    # -- trees and content -----------------------------------------------------------------------
+
+    def files(self, sha: str) -> list[TreeFile]:
+        """The files at the top of commit `sha`'s tree."""
+        out = self.run("ls-tree", "-z", sha)
+        files = []
+        for entry in filter(None, out.split("\0")):
+            meta, path = entry.split("\t", 1)
+            _mode, kind, blob = meta.split()
+            if kind == "blob":
+                files.append(TreeFile(path=path, blob=blob))
+        return files
+
+    def blob(self, blob: str) -> bytes:
+        """The content of a blob."""
+        return self.run_bytes("cat-file", "blob", blob)
+
+    def history(self, branch_or_sha: str, path: str) -> list[FileChange]:
+        """Commits that changed `path` (following renames), newest first, from `branch_or_sha`."""
+        out = self.run(
+            "log",
+            "--follow",
+            "--no-abbrev",
+            "--raw",
+            "-z",
+            "--format=%x01%H%x00%an <%ae>%x00%aI%x00%s%x00",
+            branch_or_sha,
+            "--",
+            path,
+        )
+        return [change for record in out.split("\x01")[1:] if (change := _change(record))]
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def commit_file(
+        self, *, branch: str, path: str, content: bytes, author: str, message: str
+    ) -> str:
+        """Commit `content` at `path` on `branch` without touching any working tree.
+
+        Plumbing only (hash-object, a private index, write-tree, commit-tree) and a
+        compare-and-swap `update-ref`, so a concurrent push makes this fail instead of being
+        overwritten. Returns the new commit's sha (the branch head when nothing changed).
+        """
+        name, email = parse_author(author)
+        parent = self.resolve(branch)
+        blob = self.run("hash-object", "-w", "--stdin", stdin=content).strip()
+        index = {"GIT_INDEX_FILE": str(self.git_dir / f"compound-index-{os.getpid()}")}
+        try:
+            self.run("read-tree", parent, env=index)
+            self.run("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=index)
+            tree = self.run("write-tree", env=index).strip()
+        finally:
+            Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
+        if tree == self.run("rev-parse", f"{parent}^{{tree}}").strip():
+            return parent  # the branch holds this content already: nothing to commit
+        identity = {
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": "compound",
+            "GIT_COMMITTER_EMAIL": "compound@localhost",
+        }
+        sha = self.run(
+            "commit-tree", tree, "-p", parent, stdin=message.encode(), env=identity
+        ).strip()
+        try:
+            self.run("update-ref", f"refs/heads/{branch}", sha, parent)
+        except GitError as e:
+            raise GitConflictError(f"branch {branch} moved while committing; try again") from e
+        return sha
+
+
+def _ambiguous(repo: GitRepo, ref: str) -> bool:
+    """Whether a hex `ref` is the prefix of more than one object."""
+    if not re.fullmatch(r"[0-9a-f]{4,39}", ref):
+        return False
+    try:
+        matches = repo.run("rev-parse", "--disambiguate=" + ref).split()
+    except GitError:
+        return False
+    return len(matches) > 1
+
+
+def _change(record: str) -> FileChange | None:
+    """One `log --raw -z` record: sha, author, date, subject, then `:modes shas status`, path
+    (a rename or copy names the old path, then the new one)."""
+    fields = record.split("\0")
+    raw_at = next((i for i, f in enumerate(fields) if f.lstrip().startswith(":")), None)
+    if raw_at is None or raw_at < 4 or len(fields) <= raw_at + 1:
+        return None
+    meta = fields[raw_at].split()
+    new_blob, status = meta[3], meta[4]
+    renamed = status[:1] in ("R", "C") and len(fields) > raw_at + 2
+    return FileChange(
+        commit=fields[0].strip(),
+        path=fields[raw_at + 2] if renamed else fields[raw_at + 1],
+        blob=None if new_blob == ZERO_SHA else new_blob,
+        author=fields[1],
+        date=fields[2],
+        subject=fields[3],
+    )

@@ -1,0 +1,282 @@
+"""The git-backed registry end to end: refs, renames, deletions, rewrites, bad commits, provenance.
+
+Each test makes its own repository with the git CLI and serves it; the pipelines are tool-only,
+so runs take milliseconds and their outputs say which version ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from engine import Engine
+from server.app import create_app
+from server.config import ServerConfig
+from server.errors import BadRefError
+from server.git_repo import check_ref
+from tests.server.git_fixtures import AUTHOR, Repo, calc_spec
+
+Client = TestClient[Litestar]
+NAME = "calc-x"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    """A repository whose first commit (tagged v1.0.0) computes 1 + 1."""
+    repo = Repo(tmp_path / "specs")
+    repo.commit("first", **{"calc.yaml": calc_spec(NAME, "1 + 1")})
+    repo.git("tag", "-a", "v1.0.0", "-m", "release 1")
+    return repo
+
+
+def serve(tmp_path: Path, repo: Repo, engine: Engine, **options: Any) -> Iterator[Client]:
+    """An app over `repo` and a scratch database; polling off unless asked for."""
+    (tmp_path / "none").mkdir(exist_ok=True)
+    config = ServerConfig(
+        database_url=f"sqlite:///{tmp_path / 'compound.db'}",
+        pipelines_dir=str(tmp_path / "none"),
+        pipelines_repo=str(repo.path),
+        poll_interval_s=options.pop("poll_interval_s", 0),
+        **options,
+    )
+    with TestClient(create_app(config, engine)) as client:
+        yield client
+
+
+@pytest.fixture
+def client(tmp_path: Path, repo: Repo, demo_engine: Engine) -> Iterator[Client]:
+    """The app over `repo`."""
+    yield from serve(tmp_path, repo, demo_engine)
+
+
+def run(client: Client, ref: str, **body: Any) -> dict[str, Any]:
+    """Run `ref` and wait; the finished run."""
+    response = client.post(f"/v1/pipelines/{ref}/runs", json={"inputs": {}, **body})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["status"] == "succeeded", answer
+    return answer
+
+
+def reload(client: Client) -> dict[str, Any]:
+    """Follow new commits now; the registry status."""
+    response = client.post("/v1/registry/reload")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def not_found(client: Client, ref: str) -> str:
+    """The message of the 404 that running `ref` gets."""
+    response = client.post(f"/v1/pipelines/{ref}/runs", json={})
+    assert response.status_code == 404, response.text
+    body = response.json()["error"]
+    assert body["code"] == "pipeline_not_found"
+    return body["message"]
+
+
+def test_tags_branches_and_commits_resolve_to_exact_content(client: Client, repo: Repo) -> None:
+    v1 = repo.git("rev-list", "-n1", "v1.0.0")
+    v2 = repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+    repo.git("checkout", "-q", "-b", "exp", v1)
+    v3 = repo.commit("experiment", **{"calc.yaml": calc_spec(NAME, "3 + 3")})
+    repo.git("checkout", "-q", "main")
+    assert reload(client)["head"] == v2
+
+    cases = {NAME: (4, v2), f"{NAME}@v1.0.0": (2, v1), f"{NAME}@{v1[:8]}": (2, v1)}
+    cases |= {f"{NAME}@{v1}": (2, v1), f"{NAME}@exp": (6, v3), f"{NAME}@main": (4, v2)}
+    hashes = {}
+    for ref, (value, commit) in cases.items():
+        ran = run(client, ref)
+        assert ran["outputs"] == {"value": value}, ref
+        stored = client.get(f"/v1/runs/{ran['run_id']}").json()
+        assert (stored["pipeline"], stored["ref"], stored["commit"]) == (NAME, ref, commit)
+        hashes.setdefault(commit, set()).add(stored["content_hash"])
+    assert all(len(h) == 1 for h in hashes.values())
+    assert len(set.union(*hashes.values())) == 3  # three contents, three hashes
+
+    detail = client.get(f"/v1/pipelines/{NAME}@v1.0.0").json()
+    assert detail["commit"] == v1 and "1 + 1" in detail["spec_text"]
+
+
+def test_versions_list_the_history_with_tags_and_authors(client: Client, repo: Repo) -> None:
+    v2 = repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+    reload(client)
+    listing = client.get(f"/v1/pipelines/{NAME}/versions").json()
+    commits = listing["commits"]
+    assert [c["commit"] for c in commits] == [v2, repo.git("rev-list", "-n1", "v1.0.0")]
+    assert commits[1]["tags"] == ["v1.0.0"] and commits[0]["tags"] == []
+    assert commits[0]["author"] == AUTHOR and commits[0]["subject"] == "second"
+    assert all(c["valid"] and len(c["content_hash"]) == 64 for c in commits)
+    assert commits[0]["content_hash"] != commits[1]["content_hash"]
+    stored = {v["content_hash"] for v in listing["versions"]}
+    assert commits[0]["content_hash"] in stored  # the served head is stored
+
+
+def test_refs_that_do_not_resolve_are_404_naming_the_ref(client: Client) -> None:
+    assert f"{NAME}@nope" in not_found(client, f"{NAME}@nope")
+    assert f"{NAME}@deadbeef" in not_found(client, f"{NAME}@deadbeef")
+    # Option injection and revision syntax are refused before git sees them.
+    for bad in ("-c", "--output=x", "HEAD~1", "main^", "a..b", "v1@{0}"):
+        assert "not a valid" in not_found(client, f"{NAME}@{bad}")
+    assert "nothing" in not_found(client, "nothing@v1.0.0")
+    response = client.get(f"/v1/pipelines/{NAME}@nope")
+    assert response.status_code == 404 and f"{NAME}@nope" in response.text
+
+
+def test_a_ref_before_the_pipeline_existed_names_the_commit(client: Client, repo: Repo) -> None:
+    repo.commit("another", **{"other.yaml": calc_spec("other", "5 * 5")})
+    reload(client)
+    assert run(client, "other")["outputs"] == {"value": 25}
+    message = not_found(client, "other@v1.0.0")
+    assert "other@v1.0.0" in message and repo.git("rev-list", "-n1", "v1.0.0") in message
+
+
+def test_renames_keep_history_and_deletions_keep_old_versions(client: Client, repo: Repo) -> None:
+    repo.git("mv", "calc.yaml", "renamed.yaml")
+    moved = repo.commit("rename")
+    reload(client)
+    assert run(client, NAME)["outputs"] == {"value": 2}
+    commits = client.get(f"/v1/pipelines/{NAME}/versions").json()["commits"]
+    assert [c["path"] for c in commits] == ["renamed.yaml", "calc.yaml"]
+    assert commits[0]["commit"] == moved
+
+    gone = repo.commit("delete", **{"renamed.yaml": None})
+    status = reload(client)
+    assert status["removed"] == {NAME: gone} and NAME not in status["pipelines"]
+    assert "deleted" in not_found(client, NAME)
+    assert run(client, f"{NAME}@v1.0.0")["outputs"] == {"value": 2}
+    assert run(client, f"{NAME}@{moved[:10]}")["outputs"] == {"value": 2}
+    commits = client.get(f"/v1/pipelines/{NAME}/versions").json()["commits"]
+    assert commits[0]["deleted"] and not commits[0]["valid"] and len(commits) == 3
+
+
+def test_a_bad_commit_is_reported_and_does_not_replace_the_last_good_one(
+    client: Client, repo: Repo
+) -> None:
+    bad_tool = calc_spec(NAME, "9").replace("tools: [calc]", "tools: [no.such.tool]")
+    bad = repo.commit("break it", **{"calc.yaml": bad_tool, "junk.yaml": "name: [\n"})
+    status = reload(client)
+    assert status["head"] == bad and status["pipelines"][NAME] != bad
+    problems = {p["path"]: p for p in status["problems"]}
+    assert set(problems) == {"calc.yaml", "junk.yaml"}
+    assert problems["calc.yaml"]["name"] == NAME and problems["calc.yaml"]["commit"] == bad
+    assert any("no.such.tool" in m for m in problems["calc.yaml"]["problems"])
+    assert run(client, NAME)["outputs"] == {"value": 2}  # still the last good version
+    commits = client.get(f"/v1/pipelines/{NAME}/versions").json()["commits"]
+    assert not commits[0]["valid"] and commits[0]["problems"] and commits[1]["valid"]
+    response = client.post(f"/v1/pipelines/{NAME}@{bad}/runs", json={})
+    assert response.status_code == 422  # asking for the bad commit itself: it does not validate
+
+    fixed = repo.commit("fix it", **{"calc.yaml": calc_spec(NAME, "7 * 6")})
+    status = reload(client)
+    assert status["pipelines"][NAME] == fixed
+    assert [p["path"] for p in status["problems"]] == ["junk.yaml"]
+    assert run(client, NAME)["outputs"] == {"value": 42}
+
+
+def test_history_rewrites_old_commits_stay_runnable_or_say_they_are_gone(
+    client: Client, repo: Repo
+) -> None:
+    used = repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+    unused = repo.commit("third", **{"calc.yaml": calc_spec(NAME, "3 + 3")})
+    kept = repo.commit("fourth", **{"calc.yaml": calc_spec(NAME, "5 + 5")})
+    reload(client)
+    assert run(client, f"{NAME}@{used}")["outputs"] == {"value": 4}
+
+    repo.git("reset", "-q", "--hard", "v1.0.0")  # force-push style rewrite of main
+    rewritten = repo.commit("rewritten", **{"calc.yaml": calc_spec(NAME, "10 * 10")})
+    assert reload(client)["head"] == rewritten
+    assert run(client, NAME)["outputs"] == {"value": 100}
+    # Unreachable now, but git still holds the objects.
+    assert run(client, f"{NAME}@{kept[:12]}")["outputs"] == {"value": 10}
+
+    repo.git("tag", "-d", "v1.0.0")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    repo.git("gc", "-q", "--prune=now")
+    # Used before: served from the database, with its commit; never used: gone, said clearly.
+    again = run(client, f"{NAME}@{used}")
+    assert again["outputs"] == {"value": 4} and again["commit"] == used
+    message = not_found(client, f"{NAME}@{unused}")
+    assert unused in message and "not in the repository" in message
+
+
+def test_concurrent_runs_of_two_versions(client: Client, repo: Repo) -> None:
+    repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+    reload(client)
+    refs = [f"{NAME}@v1.0.0", NAME] * 4
+    with ThreadPoolExecutor(max_workers=len(refs)) as pool:
+        runs = list(pool.map(lambda ref: run(client, ref), refs))
+    assert [r["outputs"]["value"] for r in runs] == [2, 4] * 4
+    assert len({r["content_hash"] for r in runs}) == 2
+
+
+def test_rerun_uses_the_recorded_spec_after_the_branch_moved(client: Client, repo: Repo) -> None:
+    first = run(client, NAME, inputs={})
+    repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+    reload(client)
+    assert run(client, NAME)["outputs"] == {"value": 4}
+    response = client.post(f"/v1/runs/{first['run_id']}/rerun", json={})
+    assert response.status_code == 200, response.text
+    again = response.json()
+    assert again["outputs"] == {"value": 2} and again["rerun_of"] == first["run_id"]
+    for key in ("pipeline", "version", "content_hash", "commit", "ref"):
+        assert again[key] == first[key], key
+    assert client.post("/v1/runs/no-such-run/rerun", json={}).status_code == 404
+
+
+def test_polling_follows_new_commits(tmp_path: Path, repo: Repo, demo_engine: Engine) -> None:
+    for client in serve(tmp_path, repo, demo_engine, poll_interval_s=0.05):
+        new = repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+        deadline = time.monotonic() + 10
+        while client.get("/v1/registry").json()["head"] != new:
+            assert time.monotonic() < deadline, "the registry did not follow the commit"
+            time.sleep(0.05)
+        assert run(client, NAME)["outputs"] == {"value": 4}
+        assert client.post("/v1/pipelines:reload").json()["head"] == new
+
+
+def test_posted_specs_are_committed_with_author_and_message(
+    tmp_path: Path, repo: Repo, demo_engine: Engine
+) -> None:
+    for client in serve(tmp_path, repo, demo_engine, commit_posted=True):
+        spec = calc_spec(NAME, "6 * 7")
+        headers = {"content-type": "application/yaml"}
+        refused = client.post("/v1/pipelines", content=spec, headers=headers)
+        assert refused.status_code == 400 and "author" in refused.json()["error"]["message"]
+        bad = client.post(
+            "/v1/pipelines", content=spec, headers=headers, params={"author": "nobody"}
+        )
+        assert bad.status_code == 400
+
+        params = {"author": "Grace Hopper <grace@example.com>", "message": "answer everything"}
+        posted = client.post("/v1/pipelines", content=spec, headers=headers, params=params)
+        assert posted.status_code == 201, posted.text
+        sha = posted.json()["commit"]
+        assert repo.git("rev-parse", "main") == sha
+        log = repo.git("log", "-1", "--format=%an <%ae>|%s", sha)
+        assert log == "Grace Hopper <grace@example.com>|answer everything"
+        assert repo.git("show", f"{sha}:calc.yaml") == spec.rstrip("\n")
+        ran = run(client, NAME)
+        assert ran["outputs"] == {"value": 42} and ran["commit"] == sha
+
+
+def test_registry_status_without_a_repository(client: Client) -> None:
+    assert client.get("/v1/registry").json()["enabled"] is True
+
+
+@pytest.mark.parametrize("ref", ["-c", "--upload-pack=x", "a..b", "x~1", "x^", "a:b", "@{-1}", ""])
+def test_refs_are_checked_before_git_sees_them(ref: str) -> None:
+    with pytest.raises(BadRefError):
+        check_ref(ref)
+
+
+@pytest.mark.parametrize("ref", ["main", "v1.2.0", "feature/x", "0123abcd", "release-1_2+b"])
+def test_plain_refs_pass(ref: str) -> None:
+    assert check_ref(ref) == ref
