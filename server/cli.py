@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -61,6 +62,21 @@ def add_serve(subparsers: Any) -> None:
     )
     parser.add_argument("--host", help="address to bind (default: from the config file)")
     parser.add_argument("--port", type=int, help="port to bind (default: from the config file)")
+    parser.add_argument(
+        "--pipelines-repo",
+        metavar="PATH",
+        help="serve pipelines from this local git repository (name, name@tag|branch|commit)",
+    )
+    parser.add_argument("--pipelines-branch", metavar="BRANCH", help="branch to follow")
+    parser.add_argument(
+        "--poll-interval", type=float, metavar="SECONDS", help="check the branch this often"
+    )
+    parser.add_argument(
+        "--commit-posted",
+        action="store_true",
+        default=None,
+        help="commit specs POSTed to /v1/pipelines to the pipelines branch",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -78,11 +94,23 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         logger.error("%s", e)
         return 2
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
-    config = msgspec.structs.replace(config, **overrides)
+    config = msgspec.structs.replace(config, **_serve_overrides(args))
     # log_config=None: uvicorn's loggers propagate to the root logger configured in main().
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_config=None)
     return 0
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields given on the command line (a relative repository path is from here)."""
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "pipelines_repo": str(Path(args.pipelines_repo).resolve()) if args.pipelines_repo else None,
+        "pipelines_branch": args.pipelines_branch,
+        "poll_interval_s": args.poll_interval,
+        "commit_posted": args.commit_posted,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -161,15 +189,19 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def add_validate(subparsers: Any) -> None:
-    """`compound validate SPEC...`: check specs, e.g. as a pre-commit hook or in CI."""
+    """`compound validate [SPEC...]`: check specs, e.g. as a pre-commit hook or in CI."""
     parser = subparsers.add_parser(
         "validate",
         help="check pipeline specs",
         description="Load each SPEC and bind it against the configuration's models, tools and "
-        "pipelines; print `file:line:col: /pointer: message` per problem; exit 1 on any. "
+        "pipelines (specs next to it count as pipelines); print `file:line:col: /pointer: "
+        "message` per problem, and files that declare the same pipeline name; exit 1 on any. "
+        "Without SPEC, every spec file of the current folder (a pipelines repository in CI). "
         f"Without --config and without {DEFAULT_CONFIG} here, specs are only loaded.",
     )
-    parser.add_argument("specs", nargs="+", metavar="SPEC", help="pipeline spec files")
+    parser.add_argument(
+        "specs", nargs="*", metavar="SPEC", help="pipeline spec files (default: all here)"
+    )
     parser.add_argument(
         "--no-bind",
         action="store_true",
@@ -188,6 +220,38 @@ def run_validate(args: argparse.Namespace) -> int:
         args.specs,
         config_path=args.config or DEFAULT_CONFIG,
         bind=not args.no_bind,
+        explicit_config=args.config is not None,
+        out=sys.stdout,
+    )
+
+
+def add_diff(subparsers: Any) -> None:
+    """`compound diff NAME@A NAME@B`: spec and plan differences between two git versions."""
+    parser = subparsers.add_parser(
+        "diff",
+        help="compare two versions of a pipeline in git",
+        description="Read NAME@REF (tag, branch or commit; NAME alone: HEAD) from the "
+        "pipelines repository; print the unified diff of the two specs and of their EXPLAIN "
+        "plans; exit 0 when identical, 1 when they differ, 2 on an error.",
+    )
+    parser.add_argument("left", metavar="NAME@A")
+    parser.add_argument("right", metavar="NAME@B")
+    parser.add_argument("--repo", default=".", help="pipelines repository (default: here)")
+    _add_config(parser)
+    parser.set_defaults(func=run_diff)
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    """Print both diffs; diff(1)'s exit status."""
+    from server import pipeline_cli
+    from server.pipeline_diff import diff_refs
+
+    return pipeline_cli.guarded(
+        diff_refs,
+        args.left,
+        args.right,
+        repo=args.repo,
+        config_path=args.config or DEFAULT_CONFIG,
         explicit_config=args.config is not None,
         out=sys.stdout,
     )
@@ -250,6 +314,7 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     add_run,
     add_explain,
     add_validate,
+    add_diff,
     add_finetune,
 )
 

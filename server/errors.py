@@ -108,6 +108,14 @@ class UnknownRefError(GitError):
         self.ref = ref
 
 
+class DuplicateNameError(GitError):
+    """Several spec files of one commit declare the same pipeline name."""
+
+    def __init__(self, name: str, commit: str, paths: list[str]) -> None:
+        super().__init__(f"{', '.join(paths)} all declare pipeline {name!r} at commit {commit}")
+        self.name = name
+
+
 class InvalidAuthorError(GitError):
     """A commit author that is not `Name <email>`."""
 
@@ -319,7 +327,7 @@ def _git(exc: GitError) -> tuple[int, ErrorResponse]:
 
 
 def _git_client(exc: ServerError) -> tuple[int, ErrorResponse]:
-    conflict = isinstance(exc, GitConflictError | RerunMismatchError)
+    conflict = isinstance(exc, GitConflictError | RerunMismatchError | DuplicateNameError)
     status = HTTP_409_CONFLICT if conflict else HTTP_400_BAD_REQUEST
     return status, _body(str(exc), INVALID_REQUEST)
 
@@ -346,6 +354,7 @@ _CONVERTERS: tuple[tuple[type[Exception], Any], ...] = (
     (RunNotFoundError, _run_not_found),
     (InvalidAuthorError, _git_client),
     (GitConflictError, _git_client),
+    (DuplicateNameError, _git_client),
     (CommitRequiredError, _git_client),
     (RerunMismatchError, _git_client),
     (GitError, _git),

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from planner import PhysicalPlan, SpecError, SpecErrors, load_spec
-from server.catalog import SPEC_SUFFIXES, split_ref
-from server.errors import BadRefError, GitError, PipelineNotFoundError, UnknownRefError
+from server.catalog import SPEC_SUFFIXES
+from server.errors import BadRefError, DuplicateNameError, PipelineNotFoundError, UnknownRefError
 from server.git_repo import GitRepo, TreeFile
-from server.store import Resolved, Store, content_hash
+from server.store import PipelineRecord, Resolved, Store, content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class GitRegistry:
         self._lock = threading.Lock()
         self._blobs: dict[tuple[str, str], LoadedBlob] = {}
         self._checked: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._stored: dict[tuple[str, str], PipelineRecord] = {}
 
     # -- following the branch --------------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class GitRegistry:
             problems = (*problems, f"{counts[name]} files at this commit declare name {name!r}")
         if name:
             new.paths[name] = spec.path
-        if problems:
+        if problems or name is None:  # no name: the file did not load, so it has problems
             new.problems.append(
                 Problem(commit=spec.commit, path=spec.path, name=name, messages=problems)
             )
@@ -145,7 +146,6 @@ class GitRegistry:
             if name and name in old.current:
                 new.current[name] = old.current[name]  # the last good version stays
             return
-        assert name is not None  # a spec without problems loaded, so it has a name
         new.current[name] = self._ingest(spec, ref=name, names=names)
 
     # -- resolving -------------------------------------------------------------------------------
@@ -178,22 +178,23 @@ class GitRegistry:
         return None
 
     def _named(self, commit: str, name: str) -> GitSpec | None:
-        found = [s for s in self.specs_at(commit) if s.loaded.name == name]
-        if len(found) > 1:
-            paths = ", ".join(s.path for s in found)
-            raise GitError(f"{len(found)} files declare {name!r} at commit {commit}: {paths}")
-        return found[0] if found else None
+        return named(self.specs_at(commit), name)
 
     def _ingest(self, spec: GitSpec, *, ref: str, names: frozenset[str]) -> Resolved:
-        """Compile and store the spec (`SpecErrors` when it does not validate)."""
-        plan = self.compile(spec.loaded.text.encode(), spec.loaded.fmt, _source(spec), names)
-        record, _ = self.store.register_pipeline(
-            plan.spec,
-            text=spec.loaded.text,
-            fmt=spec.loaded.fmt,
-            actor=GIT_ACTOR,
-            commit=spec.commit,
-        )
+        """Compile and store the spec (`SpecErrors` when it does not validate); a blob is
+        stored once, later resolutions of the same content skip the database."""
+        key = (spec.blob, spec.loaded.fmt)
+        record = self._stored.get(key)
+        if record is None:
+            plan = self.compile(spec.loaded.text.encode(), spec.loaded.fmt, _source(spec), names)
+            record, _ = self.store.register_pipeline(
+                plan.spec,
+                text=spec.loaded.text,
+                fmt=spec.loaded.fmt,
+                actor=GIT_ACTOR,
+                commit=spec.commit,
+            )
+            self._stored[key] = record
         return Resolved(record=record, ref=ref, commit=spec.commit, path=spec.path)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -270,6 +271,28 @@ class GitRegistry:
         return self._state
 
 
+def named(specs: list[GitSpec], name: str) -> GitSpec | None:
+    """The spec of `specs` declaring `name`; `DuplicateNameError` when several do."""
+    found = [s for s in specs if s.loaded.name == name]
+    if len(found) > 1:
+        raise DuplicateNameError(name, found[0].commit, [s.path for s in found])
+    return found[0] if found else None
+
+
+def read_specs(repo: GitRepo, commit: str) -> list[GitSpec]:
+    """The spec files at the top of `commit`, loaded (no cache: for one-off commands)."""
+    return [
+        GitSpec(
+            commit=commit,
+            path=f.path,
+            blob=f.blob,
+            loaded=_load_blob(repo.blob(f.blob), SPEC_SUFFIXES[_suffix(f.path)], f.path),
+        )
+        for f in repo.files(commit)
+        if _is_spec(f.path)
+    ]
+
+
 def _load_blob(data: bytes, fmt: str, path: str) -> LoadedBlob:
     text = data.decode("utf-8-sig", "replace")
     try:
@@ -312,6 +335,3 @@ def _source(spec: GitSpec) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-__all__ = ["GitRegistry", "GitSpec", "GitVersion", "Problem", "split_ref"]

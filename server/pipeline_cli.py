@@ -38,6 +38,7 @@ from server.catalog import (
     directory_specs,
     provider_targets,
     require,
+    spec_files,
     spec_format,
 )
 from server.config import ServerConfig, load_config
@@ -59,13 +60,20 @@ class UsageError(Exception):
 def validate(
     paths: list[str], *, config_path: str, bind: bool, explicit_config: bool, out: TextIO
 ) -> int:
-    """Check each spec; print `file:line:col: /pointer: message` per problem; 1 if any."""
+    """Check each spec; print `file:line:col: /pointer: message` per problem; 1 if any.
+
+    None given: every spec file here, and also every pipeline name declared by more than one
+    file (the git registry could not tell which one to serve), as CI checks a repository."""
+    whole_folder = not paths
+    paths = paths or [str(p) for p in spec_files(".") if not p.name.startswith(".")]
     catalog = None
     if bind:
         config = _optional_config(config_path, explicit=explicit_config)
         if config is not None:
-            catalog = _config_catalog(config, extra=_names(paths))
+            catalog = _config_catalog(config, extra=_names(paths) | _sibling_names(paths))
     failures = sum(not _validate_one(Path(p), catalog, out) for p in paths)
+    if whole_folder:  # a name clash is a property of the repository, not of one file
+        failures += _duplicate_names(paths, out)
     logger.info(
         "%d of %d spec(s) valid%s",
         len(paths) - failures,
@@ -110,6 +118,26 @@ def _names(paths: Iterable[str]) -> set[str]:
         except (SpecErrors, OSError):
             continue
     return names
+
+
+def _sibling_names(paths: Iterable[str]) -> set[str]:
+    """Pipeline names of the spec files next to the given ones: a pre-commit hook sees only
+    the changed files, but a changed spec may call an unchanged one."""
+    folders = {Path(p).parent for p in paths}
+    return _names(str(s) for f in folders for s in spec_files(f))
+
+
+def _duplicate_names(paths: Iterable[str], out: TextIO) -> int:
+    """Report names declared by more than one of the given files (the git registry would
+    not know which to serve); the number of such names."""
+    files: dict[str, list[str]] = {}
+    for p in paths:
+        for name in _names([p]):
+            files.setdefault(name, []).append(p)
+    clashes = {n: f for n, f in files.items() if len(f) > 1}
+    for name, where in sorted(clashes.items()):
+        out.write(f"{', '.join(where)}: pipeline name {name!r} declared by {len(where)} files\n")
+    return len(clashes)
 
 
 # -- explain ------------------------------------------------------------------------------------

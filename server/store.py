@@ -350,7 +350,8 @@ class Store:
                 actor,
                 "run.create",
                 f"run:{run_id}",
-                {"pipeline": pipeline.name, "version": pipeline.version, "ref": origin.ref},
+                {"pipeline": pipeline.name, "version": pipeline.version}
+                | ({"ref": origin.ref} if origin.ref else {}),
             )
             return _run(row, steps=False)
 
