@@ -31,6 +31,8 @@ class RunRequest(Struct, **_REQUEST):
     wait: bool = True  # false: 202 at once, the run goes on in the background
     stream: bool = False  # true: server-sent events of the run as it happens
     version: Version | None = None  # default: the latest
+    # A git tag, branch or commit: the same as `name@ref` in the path, for refs with a `/`.
+    ref: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
 
 
 class RerunRequest(Struct, **_REQUEST):

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
+from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
 from litestar.response import Stream
@@ -146,7 +147,11 @@ class PipelineController(Controller):
     ) -> Response[Any]:
         """Run a pipeline: wait for the result, stream its events, or return at once."""
         active = await pipelines.start_run(
-            name, data.version, data.inputs, actor=_actor(request), subscribe=data.stream
+            _with_ref(name, data.ref, data.version),
+            data.version,
+            data.inputs,
+            actor=_actor(request),
+            subscribe=data.stream,
         )
         return await _answer(active, wait=data.wait)
 
@@ -261,6 +266,15 @@ async def _answer(active: ActiveRun, *, wait: bool) -> Response[Any]:
         accepted = RunAccepted(run_id=active.run_id, status="queued")
         return Response(accepted, status_code=HTTP_202_ACCEPTED)
     return Response(RunInfo.of(await active.wait()))
+
+
+def _with_ref(name: str, ref: str | None, version: int | None) -> str:
+    """`name@ref` from the path or the body's `ref`; only one way of naming a version."""
+    if ref is None:
+        return name
+    if "@" in name or version is not None:
+        raise ValidationException("name a version once: `name@ref`, `ref` or `version`")
+    return f"{name}@{ref}"
 
 
 def _spec_format(media_type: str) -> str | None:

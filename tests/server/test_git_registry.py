@@ -56,9 +56,9 @@ def client(tmp_path: Path, repo: Repo, demo_engine: Engine) -> Iterator[Client]:
     yield from serve(tmp_path, repo, demo_engine)
 
 
-def run(client: Client, ref: str, **body: Any) -> dict[str, Any]:
-    """Run `ref` and wait; the finished run."""
-    response = client.post(f"/v1/pipelines/{ref}/runs", json={"inputs": {}, **body})
+def run(client: Client, target: str, **body: Any) -> dict[str, Any]:
+    """Run `target` (`name` or `name@ref`) and wait; the finished run."""
+    response = client.post(f"/v1/pipelines/{target}/runs", json={"inputs": {}, **body})
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["status"] == "succeeded", answer
@@ -280,3 +280,12 @@ def test_refs_are_checked_before_git_sees_them(ref: str) -> None:
 @pytest.mark.parametrize("ref", ["main", "v1.2.0", "feature/x", "0123abcd", "release-1_2+b"])
 def test_plain_refs_pass(ref: str) -> None:
     assert check_ref(ref) == ref
+
+
+def test_branch_names_with_slashes_resolve(client: Client, repo: Repo) -> None:
+    repo.git("checkout", "-q", "-b", "feature/x")
+    repo.commit("feature", **{"calc.yaml": calc_spec(NAME, "8 + 8")})
+    repo.git("checkout", "-q", "main")
+    assert run(client, NAME, ref="feature/x")["outputs"] == {"value": 16}
+    both = client.post(f"/v1/pipelines/{NAME}@main/runs", json={"ref": "feature/x"})
+    assert both.status_code == 400
