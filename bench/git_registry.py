@@ -82,7 +82,7 @@ def median_ms(fn: Callable[[], Any], repeat: int) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 3)
+    return round(statistics.median(times), 4)
 
 
 def service(folder: Path) -> PipelineService:
@@ -130,7 +130,7 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "first_scan_ms": round(first_scan, 1),
         "scan_after_one_commit_ms": round((time.perf_counter() - start) * 1000, 1),
         **figures,
-        "ratio_name_vs_baseline": round(figures["name_ms"] / base, 2),
+        "ratio_name_vs_baseline": round(figures["name_ms"] / base, 3),
         "ratio_tag_vs_baseline": round(figures["name_at_tag_ms"] / base, 2),
         "ratio_sha_vs_baseline": round(figures["name_at_sha_ms"] / base, 2),
     }

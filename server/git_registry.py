@@ -29,6 +29,7 @@ from server.store import PipelineRecord, Resolved, Store, content_hash
 logger = logging.getLogger(__name__)
 
 GIT_ACTOR = "git"
+TREE_CACHE = 256  # commits whose spec files are remembered
 # Compiles spec text against the server's catalog: (text, format, source, names) -> plan, where
 # `names` are pipeline names that count as registered (the other specs of the same commit).
 Compile = Callable[[bytes, str, str, frozenset[str]], PhysicalPlan]
@@ -105,6 +106,7 @@ class GitRegistry:
         self._blobs: dict[tuple[str, str], LoadedBlob] = {}
         self._checked: dict[tuple[str, str], tuple[str, ...]] = {}
         self._stored: dict[tuple[str, str], PipelineRecord] = {}
+        self._trees: dict[str, list[GitSpec]] = {}
 
     # -- following the branch --------------------------------------------------------------------
 
@@ -200,12 +202,19 @@ class GitRegistry:
     # -- reading ---------------------------------------------------------------------------------
 
     def specs_at(self, commit: str) -> list[GitSpec]:
-        """The spec files at the top of a commit (dot files left out), loaded."""
-        return [
-            GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=self._load(f))
-            for f in self.repo.files(commit)
-            if _is_spec(f.path)
-        ]
+        """The spec files at the top of a commit (dot files left out), loaded; a commit's tree
+        never changes, so the newest `TREE_CACHE` of them are remembered."""
+        specs = self._trees.pop(commit, None)
+        if specs is None:
+            specs = [
+                GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=self._load(f))
+                for f in self.repo.files(commit)
+                if _is_spec(f.path)
+            ]
+        self._trees[commit] = specs  # re-inserted: dicts keep order, the oldest goes first
+        while len(self._trees) > TREE_CACHE:
+            self._trees.pop(next(iter(self._trees)))
+        return specs
 
     def _load(self, file: TreeFile) -> LoadedBlob:
         fmt = SPEC_SUFFIXES[_suffix(file.path)]
