@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from planner import PhysicalPlan, SpecError, SpecErrors, load_spec
 from server.catalog import SPEC_SUFFIXES
 from server.errors import BadRefError, DuplicateNameError, PipelineNotFoundError, UnknownRefError
-from server.git_repo import GitRepo, TreeFile
+from server.git_repo import GitRepo, TreeFile, check_ref
 from server.store import PipelineRecord, Resolved, Store, content_hash
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class GitRegistry:
 
     def __init__(self, repo: GitRepo, *, branch: str, store: Store, compile: Compile) -> None:
         self.repo = repo
-        self.branch = branch
+        self.branch = check_ref(branch)
         self.store = store
         self.compile = compile
         self._state = _State()
@@ -107,6 +107,7 @@ class GitRegistry:
         self._checked: dict[tuple[str, str], tuple[str, ...]] = {}
         self._stored: dict[tuple[str, str], PipelineRecord] = {}
         self._trees: dict[str, list[GitSpec]] = {}
+        self._cache_lock = threading.Lock()
 
     # -- following the branch --------------------------------------------------------------------
 
@@ -204,16 +205,18 @@ class GitRegistry:
     def specs_at(self, commit: str) -> list[GitSpec]:
         """The spec files at the top of a commit (dot files left out), loaded; a commit's tree
         never changes, so the newest `TREE_CACHE` of them are remembered."""
-        specs = self._trees.pop(commit, None)
+        with self._cache_lock:
+            specs = self._trees.pop(commit, None)
         if specs is None:
             specs = [
                 GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=self._load(f))
                 for f in self.repo.files(commit)
                 if _is_spec(f.path)
             ]
-        self._trees[commit] = specs  # re-inserted: dicts keep order, the oldest goes first
-        while len(self._trees) > TREE_CACHE:
-            self._trees.pop(next(iter(self._trees)))
+        with self._cache_lock:
+            self._trees[commit] = specs  # re-inserted: dicts keep order, the oldest goes first
+            while len(self._trees) > TREE_CACHE:
+                self._trees.pop(next(iter(self._trees)))
         return specs
 
     def _load(self, file: TreeFile) -> LoadedBlob:
@@ -237,6 +240,10 @@ class GitRegistry:
             except SpecError as e:
                 self._checked[key] = (str(e),)
         return self._checked[key]
+
+    def served(self) -> dict[str, Resolved]:
+        """The version each pipeline of the branch serves as `name`."""
+        return dict(self._state.current)
 
     def path_of(self, name: str) -> str | None:
         """The file that holds (or last held) `name` on the branch."""

@@ -102,7 +102,7 @@ class PipelineController(Controller):
     @get("/")
     async def list_pipelines(self, pipelines: Service) -> PipelineList:
         """The latest version of every pipeline."""
-        records = await asyncio.to_thread(pipelines.store.latest_pipelines)
+        records = await asyncio.to_thread(pipelines.latest_pipelines)
         return PipelineList(pipelines=[PipelineSummary.of(r) for r in records])
 
     @get("/{name:str}", responses=NOT_FOUND)

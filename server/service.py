@@ -220,6 +220,14 @@ class PipelineService:
         record = self.resolve(_ref(name, version)).record
         return _explained(record, self.plan(record), fmt, analyze=None)
 
+    def latest_pipelines(self) -> list[PipelineRecord]:
+        """The version `name` serves, per pipeline: the branch's for git pipelines (an old
+        commit resolved late is stored with a higher number, but does not become latest)."""
+        latest = {r.name: r for r in self.store.latest_pipelines()}
+        if self.registry is not None:
+            latest |= {n: r.record for n, r in self.registry.served().items()}
+        return [latest[name] for name in sorted(latest)]
+
     def git_versions(self, name: str) -> list[GitVersion]:
         """The git history of `name`'s file (empty without a registry or for REST pipelines)."""
         if self.registry is None:

@@ -103,6 +103,9 @@ def test_tags_branches_and_commits_resolve_to_exact_content(client: Client, repo
 
     detail = client.get(f"/v1/pipelines/{NAME}@v1.0.0").json()
     assert detail["commit"] == v1 and "1 + 1" in detail["spec_text"]
+    # The exp branch was stored last, yet the listing shows what `name` serves.
+    listed = {p["name"]: p for p in client.get("/v1/pipelines").json()["pipelines"]}
+    assert listed[NAME]["content_hash"] == hashes[v2].pop()
 
 
 def test_versions_list_the_history_with_tags_and_authors(client: Client, repo: Repo) -> None:
@@ -267,8 +270,27 @@ def test_posted_specs_are_committed_with_author_and_message(
         assert ran["outputs"] == {"value": 42} and ran["commit"] == sha
 
 
-def test_registry_status_without_a_repository(client: Client) -> None:
-    assert client.get("/v1/registry").json()["enabled"] is True
+def test_registry_status_names_the_served_commits(client: Client, repo: Repo) -> None:
+    status = client.get("/v1/registry").json()
+    assert status["enabled"] and status["branch"] == "main" and status["head"] == repo.head()
+    assert status["pipelines"] == {NAME: repo.head()} and status["problems"] == []
+
+
+def test_no_registry_without_a_repository(tmp_path: Path, demo_engine: Engine) -> None:
+    config = ServerConfig(
+        database_url=f"sqlite:///{tmp_path / 'compound.db'}", pipelines_dir=str(tmp_path)
+    )
+    with TestClient(create_app(config, demo_engine)) as client:
+        assert client.get("/v1/registry").json() == {
+            "enabled": False,
+            "branch": None,
+            "head": None,
+            "checked_at": None,
+            "pipelines": {},
+            "removed": {},
+            "problems": [],
+        }
+        assert client.post("/v1/pipelines:reload").status_code == 200
 
 
 @pytest.mark.parametrize("ref", ["-c", "--upload-pack=x", "a..b", "x~1", "x^", "a:b", "@{-1}", ""])
