@@ -204,7 +204,15 @@ class PipelineService:
         return Resolved.of(self.store.resolve(ref) if label else self.store.get_pipeline(name), ref)
 
     def _stored_or(self, ref: str, missing: PipelineNotFoundError) -> Resolved:
-        """A stored version matching `ref`, else `missing` (which says why git did not)."""
+        """A stored version matching `ref`, else `missing` (which says why git did not).
+
+        A commit git no longer has (a rewritten, collected branch) is still found when a run
+        recorded it: the run's content hash names the stored spec it ran."""
+        name, label = split_ref(ref)
+        ran = self.store.run_commit(name, label or "")
+        if ran is not None:
+            record, commit = ran
+            return Resolved(record=record, ref=ref, commit=commit)
         try:
             return Resolved.of(self.store.resolve(ref), ref)
         except PipelineNotFoundError:

@@ -36,6 +36,7 @@ FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 MAX_LIST = 1000
 # Concurrent registrations of one name race for the next version number; the losers retry.
 REGISTER_ATTEMPTS = 16
+MIN_SHORT_SHA = 7  # git's own default abbreviation
 _RECORD = {"frozen": True, "kw_only": True}
 
 
@@ -288,6 +289,23 @@ class Store:
         if row is None:
             raise PipelineNotFoundError(name, reason=f"no version with content hash {digest}")
         return _pipeline(row)
+
+    def run_commit(self, name: str, prefix: str) -> tuple[PipelineRecord, str] | None:
+        """The stored spec and full commit of the newest run of `name` whose recorded commit
+        starts with `prefix` (at least 7 hex digits); None when no run recorded one."""
+        if len(prefix) < MIN_SHORT_SHA or any(c not in "0123456789abcdef" for c in prefix):
+            return None
+        query = (
+            select(RunRow.content_hash, RunRow.commit)
+            .where(RunRow.pipeline == name, RunRow.commit.startswith(prefix, autoescape=True))
+            .order_by(RunRow.created_at.desc())
+            .limit(1)
+        )
+        with self._session() as session:
+            found = session.execute(query).first()
+        if found is None or found.commit is None:
+            return None
+        return self.pipeline_by_hash(name, found.content_hash), found.commit
 
     def pipeline_versions(self, name: str) -> list[PipelineRecord]:
         """Every version of `name`, oldest first; `PipelineNotFoundError` when there is none."""

@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 def make_adapter(base: Path, out: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     pm = peft.get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -38,8 +39,9 @@ def client(tmp_path_factory):
     (root / "outside").mkdir()
     eng = Engine(device="cpu")
     eng.load_model("tiny", base, dtype="float32", adapter_dir=adapters)
-    config = ServerConfig(database_url=f"sqlite:///{root / 'db.sqlite'}",
-                          pipelines_dir=str(root / "pipelines"))
+    config = ServerConfig(
+        database_url=f"sqlite:///{root / 'db.sqlite'}", pipelines_dir=str(root / "pipelines")
+    )
     with TestClient(create_app(config, eng)) as c:
         yield c
     eng.shutdown()

@@ -101,6 +101,8 @@ def test_tags_branches_and_commits_resolve_to_exact_content(client: Client, repo
     assert all(len(h) == 1 for h in hashes.values())
     assert len(set.union(*hashes.values())) == 3  # three contents, three hashes
 
+    explained = client.post(f"/v1/pipelines/{NAME}@v1.0.0/explain", json={}).json()
+    assert explained["content_hash"] in hashes[v1] and "CallTool value" in explained["plan"]
     detail = client.get(f"/v1/pipelines/{NAME}@v1.0.0").json()
     assert detail["commit"] == v1 and "1 + 1" in detail["spec_text"]
     # The exp branch was stored last, yet the listing shows what `name` serves.
@@ -188,10 +190,12 @@ def test_history_rewrites_old_commits_stay_runnable_or_say_they_are_gone(
     client: Client, repo: Repo
 ) -> None:
     used = repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
+    same = repo.commit("same content, new commit", **{"other.txt": "x"})
     unused = repo.commit("third", **{"calc.yaml": calc_spec(NAME, "3 + 3")})
     kept = repo.commit("fourth", **{"calc.yaml": calc_spec(NAME, "5 + 5")})
     reload(client)
     assert run(client, f"{NAME}@{used}")["outputs"] == {"value": 4}
+    assert run(client, f"{NAME}@{same}")["commit"] == same  # same blob: stored under `used`
 
     repo.git("reset", "-q", "--hard", "v1.0.0")  # force-push style rewrite of main
     rewritten = repo.commit("rewritten", **{"calc.yaml": calc_spec(NAME, "10 * 10")})
@@ -206,6 +210,9 @@ def test_history_rewrites_old_commits_stay_runnable_or_say_they_are_gone(
     # Used before: served from the database, with its commit; never used: gone, said clearly.
     again = run(client, f"{NAME}@{used}")
     assert again["outputs"] == {"value": 4} and again["commit"] == used
+    # Stored under another commit, but a run recorded this one: found through the run.
+    also = run(client, f"{NAME}@{same[:9]}")
+    assert also["outputs"] == {"value": 4} and also["commit"] == same
     message = not_found(client, f"{NAME}@{unused}")
     assert unused in message and "not in the repository" in message
 
