@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 GIT_ACTOR = "git"
 TREE_CACHE = 256  # commits whose spec files are remembered
+DEFAULT_MAX_SPEC_BYTES = 256 * 1024
 # Compiles spec text against the server's catalog: (text, format, source, names) -> plan, where
 # `names` are pipeline names that count as registered (the other specs of the same commit).
 Compile = Callable[[bytes, str, str, frozenset[str]], PhysicalPlan]
@@ -96,8 +97,17 @@ class _State:
 class GitRegistry:
     """The git-backed registry over one repository and branch; safe across threads."""
 
-    def __init__(self, repo: GitRepo, *, branch: str, store: Store, compile: Compile) -> None:
+    def __init__(
+        self,
+        repo: GitRepo,
+        *,
+        branch: str,
+        store: Store,
+        compile: Compile,
+        max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES,
+    ) -> None:
         self.repo = repo
+        self.max_spec_bytes = max_spec_bytes
         self.branch = check_ref(branch)
         self.store = store
         self.compile = compile
@@ -223,7 +233,11 @@ class GitRegistry:
         fmt = SPEC_SUFFIXES[_suffix(file.path)]
         key = (file.blob, fmt)
         if key not in self._blobs:
-            self._blobs[key] = _load_blob(self.repo.blob(file.blob), fmt, file.path)
+            self._blobs[key] = (
+                _load_blob(self.repo.blob(file.blob), fmt, file.path)
+                if file.size <= self.max_spec_bytes
+                else _too_large(file, fmt, self.max_spec_bytes)
+            )
         return self._blobs[key]
 
     def _validate(self, spec: GitSpec, names: frozenset[str]) -> tuple[str, ...]:
@@ -295,18 +309,22 @@ def named(specs: list[GitSpec], name: str) -> GitSpec | None:
     return found[0] if found else None
 
 
-def read_specs(repo: GitRepo, commit: str) -> list[GitSpec]:
+def read_specs(
+    repo: GitRepo, commit: str, *, max_bytes: int = DEFAULT_MAX_SPEC_BYTES
+) -> list[GitSpec]:
     """The spec files at the top of `commit`, loaded (no cache: for one-off commands)."""
-    return [
-        GitSpec(
-            commit=commit,
-            path=f.path,
-            blob=f.blob,
-            loaded=_load_blob(repo.blob(f.blob), SPEC_SUFFIXES[_suffix(f.path)], f.path),
+    specs = []
+    for f in repo.files(commit):
+        if not _is_spec(f.path):
+            continue
+        fmt = SPEC_SUFFIXES[_suffix(f.path)]
+        loaded = (
+            _load_blob(repo.blob(f.blob), fmt, f.path)
+            if f.size <= max_bytes
+            else _too_large(f, fmt, max_bytes)
         )
-        for f in repo.files(commit)
-        if _is_spec(f.path)
-    ]
+        specs.append(GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=loaded))
+    return specs
 
 
 def _load_blob(data: bytes, fmt: str, path: str) -> LoadedBlob:
@@ -319,6 +337,12 @@ def _load_blob(data: bytes, fmt: str, path: str) -> LoadedBlob:
     return LoadedBlob(
         text=text, fmt=fmt, name=spec.name, content_hash=content_hash(spec), problems=()
     )
+
+
+def _too_large(file: TreeFile, fmt: str, limit: int) -> LoadedBlob:
+    """A file over the spec size limit: reported, never read (a repository is input too)."""
+    problem = f"{file.path}: {file.size} bytes; the limit for a spec is {limit}"
+    return LoadedBlob(text="", fmt=fmt, name=None, content_hash=None, problems=(problem,))
 
 
 def _name_counts(specs: list[GitSpec]) -> dict[str, int]:

@@ -69,6 +69,7 @@ class TreeFile:
 
     path: str
     blob: str
+    size: int = 0
 
 
 class GitRepo:
@@ -148,14 +149,14 @@ class GitRepo:
     # -- trees and content -----------------------------------------------------------------------
 
     def files(self, sha: str) -> list[TreeFile]:
-        """The files at the top of commit `sha`'s tree."""
-        out = self.run("ls-tree", "-z", sha)
+        """The files at the top of commit `sha`'s tree, with their sizes."""
+        out = self.run("ls-tree", "-l", "-z", sha)
         files = []
         for entry in filter(None, out.split("\0")):
             meta, path = entry.split("\t", 1)
-            _mode, kind, blob = meta.split()
+            _mode, kind, blob, size = meta.split()
             if kind == "blob":
-                files.append(TreeFile(path=path, blob=blob))
+                files.append(TreeFile(path=path, blob=blob, size=int(size)))
         return files
 
     def blob(self, blob: str) -> bytes:

@@ -87,7 +87,11 @@ class PipelineService:
     def use_git(self, path: str, *, branch: str, commit_posted: bool = False) -> GitRegistry:
         """Serve pipelines from the git repository at `path` and scan `branch` now."""
         self.registry = GitRegistry(
-            GitRepo(path), branch=branch, store=self.store, compile=self._compile_git
+            GitRepo(path),
+            branch=branch,
+            store=self.store,
+            compile=self._compile_git,
+            max_spec_bytes=self.limits.max_spec_bytes,
         )
         self.commit_posted = commit_posted
         self.registry.refresh()

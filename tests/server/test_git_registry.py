@@ -166,11 +166,15 @@ def test_a_bad_commit_is_reported_and_does_not_replace_the_last_good_one(
     client: Client, repo: Repo
 ) -> None:
     bad_tool = calc_spec(NAME, "9").replace("tools: [calc]", "tools: [no.such.tool]")
-    bad = repo.commit("break it", **{"calc.yaml": bad_tool, "junk.yaml": "name: [\n"})
+    huge = "# padding\n" * 30_000  # over the 256 KiB spec limit: reported, never read
+    bad = repo.commit(
+        "break it", **{"calc.yaml": bad_tool, "junk.yaml": "name: [\n", "huge.yaml": huge}
+    )
     status = reload(client)
     assert status["head"] == bad and status["pipelines"][NAME] != bad
     problems = {p["path"]: p for p in status["problems"]}
-    assert set(problems) == {"calc.yaml", "junk.yaml"}
+    assert set(problems) == {"calc.yaml", "junk.yaml", "huge.yaml"}
+    assert "the limit for a spec" in problems["huge.yaml"]["problems"][0]
     assert problems["calc.yaml"]["name"] == NAME and problems["calc.yaml"]["commit"] == bad
     assert any("no.such.tool" in m for m in problems["calc.yaml"]["problems"])
     assert run(client, NAME)["outputs"] == {"value": 2}  # still the last good version
@@ -182,7 +186,7 @@ def test_a_bad_commit_is_reported_and_does_not_replace_the_last_good_one(
     fixed = repo.commit("fix it", **{"calc.yaml": calc_spec(NAME, "7 * 6")})
     status = reload(client)
     assert status["pipelines"][NAME] == fixed
-    assert [p["path"] for p in status["problems"]] == ["junk.yaml"]
+    assert sorted(p["path"] for p in status["problems"]) == ["huge.yaml", "junk.yaml"]
     assert run(client, NAME)["outputs"] == {"value": 42}
 
 
