@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from planner import PhysicalPlan, SpecError, SpecErrors, load_spec
 from server.catalog import SPEC_SUFFIXES
 from server.errors import BadRefError, DuplicateNameError, PipelineNotFoundError, UnknownRefError
-from server.git_repo import GitRepo, TreeFile, check_ref
+from server.git_repo import FileChange, GitRepo, TreeFile, check_ref
 from server.store import PipelineRecord, Resolved, Store, content_hash
 
 logger = logging.getLogger(__name__)
@@ -233,10 +233,11 @@ class GitRegistry:
         fmt = SPEC_SUFFIXES[_suffix(file.path)]
         key = (file.blob, fmt)
         if key not in self._blobs:
+            size = file.size if file.size is not None else self.repo.blob_size(file.blob)
             self._blobs[key] = (
                 _load_blob(self.repo.blob(file.blob), fmt, file.path)
-                if file.size <= self.max_spec_bytes
-                else _too_large(file, fmt, self.max_spec_bytes)
+                if size <= self.max_spec_bytes
+                else _too_large(file.path, size, fmt, self.max_spec_bytes)
             )
         return self._blobs[key]
 
@@ -271,30 +272,28 @@ class GitRegistry:
             return None
         tags = self.repo.tags()
         names = frozenset(self._state.current) | {name}
-        versions = []
-        for change in self.repo.history(f"refs/heads/{self.branch}", path):
-            loaded = (
-                self._load(TreeFile(path=change.path, blob=change.blob)) if change.blob else None
-            )
-            spec = (
-                GitSpec(commit=change.commit, path=change.path, blob=change.blob, loaded=loaded)
-                if loaded is not None and change.blob
-                else None
-            )
-            versions.append(
-                GitVersion(
-                    commit=change.commit,
-                    path=change.path,
-                    tags=tuple(tags.get(change.commit, ())),
-                    author=change.author,
-                    date=change.date,
-                    subject=change.subject,
-                    content_hash=loaded.content_hash if loaded else None,
-                    deleted=change.blob is None,
-                    problems=self._validate(spec, names) if spec else (),
-                )
-            )
-        return versions
+        return [
+            self._version(change, tags.get(change.commit, []), names)
+            for change in self.repo.history(f"refs/heads/{self.branch}", path)
+        ]
+
+    def _version(self, change: FileChange, tags: list[str], names: frozenset[str]) -> GitVersion:
+        """One history entry: what the file held at that commit, and whether it validates."""
+        spec = None
+        if change.blob is not None:
+            loaded = self._load(TreeFile(path=change.path, blob=change.blob))
+            spec = GitSpec(commit=change.commit, path=change.path, blob=change.blob, loaded=loaded)
+        return GitVersion(
+            commit=change.commit,
+            path=change.path,
+            tags=tuple(tags),
+            author=change.author,
+            date=change.date,
+            subject=change.subject,
+            content_hash=spec.loaded.content_hash if spec else None,
+            deleted=spec is None,
+            problems=self._validate(spec, names) if spec else (),
+        )
 
     def status(self) -> _State:
         """A snapshot of what the last scan found."""
@@ -318,10 +317,11 @@ def read_specs(
         if not _is_spec(f.path):
             continue
         fmt = SPEC_SUFFIXES[_suffix(f.path)]
+        size = f.size or 0
         loaded = (
             _load_blob(repo.blob(f.blob), fmt, f.path)
-            if f.size <= max_bytes
-            else _too_large(f, fmt, max_bytes)
+            if size <= max_bytes
+            else _too_large(f.path, size, fmt, max_bytes)
         )
         specs.append(GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=loaded))
     return specs
@@ -339,9 +339,9 @@ def _load_blob(data: bytes, fmt: str, path: str) -> LoadedBlob:
     )
 
 
-def _too_large(file: TreeFile, fmt: str, limit: int) -> LoadedBlob:
+def _too_large(path: str, size: int, fmt: str, limit: int) -> LoadedBlob:
     """A file over the spec size limit: reported, never read (a repository is input too)."""
-    problem = f"{file.path}: {file.size} bytes; the limit for a spec is {limit}"
+    problem = f"{path}: {size} bytes; the limit for a spec is {limit}"
     return LoadedBlob(text="", fmt=fmt, name=None, content_hash=None, problems=(problem,))
 
 

@@ -69,7 +69,7 @@ class TreeFile:
 
     path: str
     blob: str
-    size: int = 0
+    size: int | None = None  # None: not listed (ask `blob_size`)
 
 
 class GitRepo:
@@ -158,6 +158,10 @@ class GitRepo:
             if kind == "blob":
                 files.append(TreeFile(path=path, blob=blob, size=int(size)))
         return files
+
+    def blob_size(self, blob: str) -> int:
+        """The size of a blob in bytes, without reading it."""
+        return int(self.run("cat-file", "-s", blob).strip())
 
     def blob(self, blob: str) -> bytes:
         """The content of a blob."""
