@@ -95,9 +95,28 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return 2
     config = msgspec.structs.replace(config, **_serve_overrides(args))
+    problem = check_pipelines_repo(config)
+    if problem is not None:
+        logger.error("%s", problem)
+        return 2
     # log_config=None: uvicorn's loggers propagate to the root logger configured in main().
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_config=None)
     return 0
+
+
+def check_pipelines_repo(config: Any) -> str | None:
+    """Why the configured pipelines repository cannot be served (None when it can), so that a
+    typo fails `compound serve` at once with a message instead of a start-up traceback."""
+    from server.errors import GitError
+    from server.git_repo import GitRepo
+
+    if config.pipelines_repo is None:
+        return None
+    try:
+        GitRepo(config.pipelines_repo).resolve(config.pipelines_branch)
+    except GitError as e:
+        return f"pipelines_repo {config.pipelines_repo} (branch {config.pipelines_branch}): {e}"
+    return None
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import _serve_overrides, build_parser, main
+from server.cli import _serve_overrides, build_parser, check_pipelines_repo, main
+from server.config import ServerConfig
 from tests.server.git_fixtures import Repo, calc_spec
 
 TWO_STEPS = """\
@@ -113,3 +114,14 @@ def test_serve_takes_the_registry_options() -> None:
     assert overrides["pipelines_branch"] == "prod" and overrides["commit_posted"] is True
     plain = _serve_overrides(build_parser().parse_args(["serve"]))
     assert plain == {}  # nothing given: the config file decides
+
+
+def test_serve_refuses_a_repository_it_cannot_serve(repo: Repo, tmp_path: Path) -> None:
+    assert check_pipelines_repo(ServerConfig(pipelines_repo=str(repo.path))) is None
+    missing = check_pipelines_repo(ServerConfig(pipelines_repo=str(tmp_path / "nowhere")))
+    assert missing is not None and "no such directory" in missing
+    no_branch = ServerConfig(pipelines_repo=str(repo.path), pipelines_branch="prod")
+    assert "'prod' names no commit" in (check_pipelines_repo(no_branch) or "")
+    config = tmp_path / "compound.yaml"
+    config.write_text(f"pipelines_repo: {tmp_path / 'nowhere'}\n")
+    assert main(["serve", "--config", str(config)]) == 2
