@@ -114,10 +114,11 @@ class GitRegistry:
         self._state = _State()
         self._lock = threading.Lock()
         self._blobs: dict[tuple[str, str], LoadedBlob] = {}
-        self._checked: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._checked: dict[tuple[str, str, frozenset[str]], tuple[str, ...]] = {}
         self._stored: dict[tuple[str, str], PipelineRecord] = {}
         self._trees: dict[str, list[GitSpec]] = {}
         self._cache_lock = threading.Lock()
+        self._scan_context = threading.local()
 
     # -- following the branch --------------------------------------------------------------------
 
@@ -138,8 +139,13 @@ class GitRegistry:
         new.removed = {n: c for n, c in old.removed.items() if n not in names}
         new.removed |= {n: head for n in old.current if n not in names}
         counts = _name_counts(specs)
-        for spec in specs:
-            self._scan_one(spec, names, counts, old, new)
+        # While this thread scans, a plain name is what the new head has, not the old state.
+        self._scan_context.head_names = names
+        try:
+            for spec in specs:
+                self._scan_one(spec, names, counts, old, new)
+        finally:
+            self._scan_context.head_names = None
         return new
 
     def _scan_one(
@@ -174,13 +180,19 @@ class GitRegistry:
             commit = self.repo.resolve(label)
         except (BadRefError, UnknownRefError) as e:
             raise PipelineNotFoundError(ref, reason=_gone(str(e), label)) from e
-        spec = self._named(commit, name)
+        specs = self.specs_at(commit)
+        spec = named(specs, name)
         if spec is None:
             raise PipelineNotFoundError(ref, reason=f"no spec named {name!r} at commit {commit}")
-        return self._ingest(spec, ref=ref, names=frozenset({name}))
+        # Pipelines its steps call by plain name count as known if that commit had them.
+        names = frozenset(s.loaded.name for s in specs if s.loaded.name)
+        return self._ingest(spec, ref=ref, names=names)
 
     def _latest(self, name: str) -> Resolved | None:
         state = self._state
+        scanning = getattr(self._scan_context, "head_names", None)
+        if scanning is not None and name not in scanning and name in state.paths:
+            raise PipelineNotFoundError(name, reason="not in the commit being scanned")
         if name in state.current:
             return state.current[name]
         if name in state.removed:
@@ -189,9 +201,6 @@ class GitRegistry:
                 name, reason=f"deleted from branch {self.branch} at commit {at}"
             )
         return None
-
-    def _named(self, commit: str, name: str) -> GitSpec | None:
-        return named(self.specs_at(commit), name)
 
     def _ingest(self, spec: GitSpec, *, ref: str, names: frozenset[str]) -> Resolved:
         """Compile and store the spec (`SpecErrors` when it does not validate); a blob is
@@ -242,10 +251,11 @@ class GitRegistry:
         return self._blobs[key]
 
     def _validate(self, spec: GitSpec, names: frozenset[str]) -> tuple[str, ...]:
-        """Problems of a spec file: load errors, then bind and plan errors (cached by blob)."""
+        """Problems of a spec file: load errors, then bind and plan errors (cached by blob and
+        the pipeline names around it: a call to a pipeline binds only where that one exists)."""
         if spec.loaded.problems:
             return spec.loaded.problems
-        key = (spec.blob, spec.loaded.fmt)
+        key = (spec.blob, spec.loaded.fmt, names)
         if key not in self._checked:
             try:
                 self.compile(spec.loaded.text.encode(), spec.loaded.fmt, _source(spec), names)

@@ -322,3 +322,25 @@ def test_branch_names_with_slashes_resolve(client: Client, repo: Repo) -> None:
     assert run(client, NAME, ref="feature/x")["outputs"] == {"value": 16}
     both = client.post(f"/v1/pipelines/{NAME}@main/runs", json={"ref": "feature/x"})
     assert both.status_code == 400
+
+
+def test_pipelines_of_one_commit_may_call_each_other(client: Client, repo: Repo) -> None:
+    caller = (
+        "name: caller\nsteps:\n  c:\n    pipeline: {name: callee}\n"
+        'outputs:\n  v: "{{ steps.c.output.value }}"\n'
+    )
+    added = repo.commit(
+        "two", **{"callee.yaml": calc_spec("callee", "3 * 3"), "caller.yaml": caller}
+    )
+    assert reload(client)["pipelines"]["caller"] == added
+    assert run(client, "caller")["outputs"] == {"v": 9}
+
+    repo.commit("drop the callee", **{"callee.yaml": None})
+    status = reload(client)
+    assert status["pipelines"]["caller"] == added  # its call no longer binds: last good stays
+    assert [p["name"] for p in status["problems"]] == ["caller"]
+    assert "callee" in status["problems"][0]["problems"][0]
+    # Deleting a pipeline deletes it for its callers too: they say so, naming it.
+    response = client.post("/v1/pipelines/caller/runs", json={})
+    assert response.status_code == 422 and "callee" in response.json()["error"]["message"]
+    assert run(client, f"callee@{added[:8]}")["outputs"] == {"value": 9}
