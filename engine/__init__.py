@@ -20,6 +20,7 @@ _EXPORTS = {
     "MemoryBudgetError": "engine.errors",
     "ModelAlreadyLoadedError": "engine.errors",
     "ModelNotFoundError": "engine.errors",
+    "QuantizationError": "engine.errors",
     "UnsupportedArchitectureError": "engine.errors",
     "GenerationRequest": "engine.outputs",
     "RequestOutput": "engine.outputs",
@@ -41,6 +42,7 @@ __all__ = [
     "ModelAlreadyLoadedError",
     "ModelInfo",
     "ModelNotFoundError",
+    "QuantizationError",
     "RequestOutput",
     "SamplingParams",
     "StreamDelta",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
         MemoryBudgetError,
         ModelAlreadyLoadedError,
         ModelNotFoundError,
+        QuantizationError,
         UnsupportedArchitectureError,
     )
     from engine.outputs import GenerationRequest, RequestOutput, StreamDelta

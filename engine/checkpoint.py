@@ -11,14 +11,55 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelArgs
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, QuantizationError
 from engine.model import Transformer
+from engine.quantize import (
+    QuantConfig,
+    empty_quantized,
+    parse_scheme,
+    prepare_model,
+    quantize_model,
+)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Tensors of a quantized layer keep the dtype they were stored in (see engine/quantize.py).
+QUANTIZED_LEAVES = ("qweight", "scales", "zeros")
+_STORED_BYTES = {"I8": 1, "U8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4}
+
+
+def read_quant_config(path: Path) -> QuantConfig | None:
+    """The checkpoint's `quantization_config` from config.json (None for a float checkpoint)."""
+    file = path / "config.json"
+    try:
+        cfg = json.loads(file.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # ModelArgs.from_dir reports a missing or broken config.json
+    return None if cfg is None else QuantConfig.from_json(cfg, file=str(file))
+
+
+def resolve_quantization(path: Path, requested: str | None) -> tuple[QuantConfig | None, bool]:
+    """(scheme to run, whether the checkpoint stores it already). A quantized checkpoint runs
+    its own scheme; asking for another one is an error rather than a silent re-quantization."""
+    stored = read_quant_config(path)
+    if stored is not None:
+        if requested is not None and requested != stored.scheme:
+            raise QuantizationError(
+                f"the checkpoint is quantized as {stored.scheme!r}; cannot run it as {requested!r}",
+                file=str(path / "config.json"),
+                field="quantization_config.scheme",
+            )
+        return stored, True
+    if requested is None:
+        return None, False
+    return parse_scheme(requested), False
+
+
+def _leaf(name: str) -> str:
+    return name.rpartition(".")[2]
 
 
 def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
@@ -61,40 +102,58 @@ def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
     for f in weight_files(path):
         with safe_open(f, framework="pt") as st:
             names = st.keys()
-            total += sum(math.prod(st.get_slice(n).get_shape()) for n in names)
-    return total * dtype.itemsize
+            for n in names:
+                sl = st.get_slice(n)
+                stored = _leaf(n) in QUANTIZED_LEAVES
+                size = _STORED_BYTES.get(sl.get_dtype(), 4) if stored else dtype.itemsize
+                total += math.prod(sl.get_shape()) * size
+    return total
 
 
 def load_state_dict(
     path: Path, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, cast to dtype, on device."""
+    """All tensors of the checkpoint on device, cast to dtype except quantized layers'."""
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         try:
             with safe_open(f, framework="pt", device="cpu") as st:
                 names = st.keys()
                 for name in names:
-                    state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+                    t = st.get_tensor(name)
+                    keep = _leaf(name) in QUANTIZED_LEAVES
+                    state[name] = t.to(device=device, dtype=t.dtype if keep else dtype)
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read safetensors ({e})", file=str(f)) from e
     return state
 
 
-def load_model(path: str | Path, dtype: str, device: torch.device) -> tuple[ModelArgs, Transformer]:
-    """Build the model for a checkpoint directory and load its weights."""
+def load_model(
+    path: str | Path, dtype: str, device: torch.device, *, quantization: str | None = None
+) -> tuple[ModelArgs, Transformer]:
+    """Build the model for a checkpoint directory and load its weights.
+
+    A checkpoint whose config.json carries a `quantization_config` loads as that scheme; a
+    float checkpoint is quantized after loading when `quantization` names a scheme."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError("checkpoint directory not found", file=str(path))
     args = ModelArgs.from_dir(path)
+    qconfig, stored = resolve_quantization(path, quantization)
     torch_dtype = resolve_dtype(dtype, args, device)
     state = load_state_dict(path, torch_dtype, device)
     with torch.device("meta"):
         model = Transformer(args)
+        if stored:
+            empty_quantized(model, qconfig, tied=args.tie_word_embeddings, dtype=torch_dtype)
     _check_keys(model, state, args, path)
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if stored:
+        prepare_model(model)
+    elif qconfig is not None:
+        quantize_model(model, qconfig, tied=args.tie_word_embeddings)
     return args, model.eval().requires_grad_(False)
 
 
@@ -109,7 +168,15 @@ def _check_keys(model: Transformer, state: dict, args: ModelArgs, path: Path) ->
             field=missing[0],
         )
     for name in expected & state.keys():
-        want = tuple(model.state_dict()[name].shape)
+        expected_t = model.state_dict()[name]
+        want = tuple(expected_t.shape)
+        if _leaf(name) == "qweight" and state[name].dtype != expected_t.dtype:
+            raise QuantizationError(
+                f"dtype {state[name].dtype} does not match the quantization_config "
+                f"({expected_t.dtype})",
+                file=str(weight_files(path)[0]),
+                field=name,
+            )
         if tuple(state[name].shape) != want:
             raise CheckpointError(
                 f"shape {tuple(state[name].shape)} does not match config.json ({want})",

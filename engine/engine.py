@@ -30,9 +30,10 @@ from engine.errors import (
     ModelAlreadyLoadedError,
     ModelNotFoundError,
 )
-from engine.kv_cache import BlockManager, KVCache, block_bytes
+from engine.kv_cache import BlockManager, KVCache, block_bytes, resolve_kv_dtype
 from engine.model import transpose_linears
 from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
+from engine.quantize import model_weight_bytes, num_parameters, quant_scheme
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, Sequence
 from engine.tokenizer import Tokenizer
@@ -103,11 +104,16 @@ class Engine:
         max_loaded_adapters: int = 8,
         max_lora_rank: int = 64,
         adapter_dir: str | Path | None = None,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> ModelInfo:
         """Load a Hugging Face checkpoint directory under `name`; it serves at once.
 
         Adapters for it are addressed as `name:adapter`; `adapter_dir` holds adapters loaded on
-        demand (`<adapter_dir>/<adapter>/adapter_config.json`)."""
+        demand (`<adapter_dir>/<adapter>/adapter_config.json`). `quantization` (int8,
+        int4-g32/64/128, fp8) quantizes a float checkpoint's weights at load time; a checkpoint
+        written by `compound quantize` loads with its own scheme. `kv_cache_dtype` is `auto`
+        (the model's dtype), `int8` or `fp8` (see engine/kv_cache.py)."""
         if not name or ":" in name:
             raise InvalidRequestError("model names are non-empty and have no ':'", param="name")
         with self._load_lock:
@@ -116,6 +122,8 @@ class Engine:
             path = Path(path)
             args = ModelArgs.from_dir(path)
             torch_dtype = resolve_dtype(dtype, args, self.device)
+            kv_dtype = resolve_kv_dtype(kv_cache_dtype, torch_dtype, self.device)
+            # An upper bound when quantizing at load time (the float weights load first).
             weights = checkpoint_bytes(path, torch_dtype)
             max_len = _max_model_len(args, max_model_len)
             num_blocks = self._num_blocks(
@@ -123,15 +131,18 @@ class Engine:
                 weights=weights,
                 max_len=max_len,
                 block_size=block_size,
-                dtype=torch_dtype,
+                dtype=kv_dtype,
                 requested=num_blocks,
             )
             tokenizer = Tokenizer.from_dir(path)
-            args, model = load_model(path, dtype, self.device)
+            args, model = load_model(path, dtype, self.device, quantization=quantization)
             if self.device.type == "cpu":
                 transpose_linears(model)
             model.setup_rope(max_len)
-            cache = KVCache(args, num_blocks, block_size, torch_dtype, self.device)
+            weights = model_weight_bytes(model)
+            cache = KVCache(
+                args, num_blocks, block_size, torch_dtype, self.device, kv_dtype=kv_dtype
+            )
             blocks = BlockManager(num_blocks, block_size, prefix_caching)
             info = ModelInfo(
                 name=name,
@@ -144,7 +155,9 @@ class Engine:
                 weight_bytes=weights,
                 kv_cache_bytes=cache.nbytes,
                 vocab_size=args.vocab_size,
-                num_parameters=weights // torch_dtype.itemsize,
+                num_parameters=num_parameters(model),
+                quantization=quant_scheme(model),
+                kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
             )
             scheduler = Scheduler(blocks, max_num_seqs, max(max_num_batched_tokens, block_size))
             worker = ModelWorker(

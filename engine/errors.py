@@ -52,3 +52,8 @@ class MemoryBudgetError(EngineError):
 
 class AdapterError(CheckpointError):
     """A LoRA adapter is malformed or does not fit its base model."""
+
+
+class QuantizationError(CheckpointError):
+    """A quantization scheme is unknown, or a checkpoint's `quantization_config` or tensors do
+    not match it; `file` and `field` say where."""

@@ -13,8 +13,10 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from engine.config import ModelArgs
+from engine.errors import InvalidRequestError
 
 ROOT_HASH = b"compound-kv-root"
 
@@ -25,13 +27,76 @@ def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+KV_CACHE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+SCALE_DTYPE = torch.bfloat16  # one scale per cached token and KV head
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the KV cache stores: `auto` (the model's), `int8` or `fp8` (e4m3)."""
+    if name == "auto":
+        return model_dtype
+    if name not in KV_CACHE_DTYPES:
+        raise InvalidRequestError(
+            f"kv_cache_dtype {name!r} is not one of auto, {', '.join(KV_CACHE_DTYPES)}",
+            param="kv_cache_dtype",
+        )
+    return KV_CACHE_DTYPES[name]
+
+
 def block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers, K and V."""
-    return 2 * args.n_layers * block_size * args.n_kv_heads * args.head_dim * dtype.itemsize
+    """Bytes one block takes across all layers, K and V (with their scales when quantized)."""
+    per_head = args.head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if dtype in QUANT_MAX else 0)
+    return 2 * args.n_layers * block_size * args.n_kv_heads * per_head
+
+
+class QuantizedKV:
+    """K or V of one layer stored in int8 or fp8 with one scale per (cached token, KV head):
+    a token's scale is fixed when it is written, so writes never rescale other tokens and
+    blocks shared through the prefix cache stay valid. Reads dequantize only the gathered
+    blocks; the attention math runs in `dtype`."""
+
+    def __init__(self, shape: tuple[int, ...], qdtype: torch.dtype, dtype: torch.dtype, device):
+        self.data = torch.zeros(shape, dtype=qdtype, device=device)  # [NB, BS, H_kv, D]
+        self.scales = torch.zeros(*shape[:-1], 1, dtype=SCALE_DTYPE, device=device)
+        self.dtype, self.shape, self.qmax = dtype, self.data.shape, QUANT_MAX[qdtype]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the values and their scales."""
+        return self.data.nbytes + self.scales.nbytes
+
+    def write(self, slots: Tensor, x: Tensor) -> None:
+        """Quantize x [T, H_kv, D] into the cache slots [T]."""
+        scale = (x.float().abs().amax(dim=-1, keepdim=True) / self.qmax).clamp(min=1e-8)
+        scale = scale.to(SCALE_DTYPE)
+        q = (x.float() / scale.float()).clamp(-self.qmax, self.qmax)
+        q = (
+            q.round().to(self.data.dtype)
+            if self.data.dtype == torch.int8
+            else q.to(self.data.dtype)
+        )
+        h, d = self.shape[2], self.shape[3]
+        self.data.view(-1, h, d).index_copy_(0, slots, q)
+        self.scales.view(-1, h, 1).index_copy_(0, slots, scale)
+
+    def index_select(self, dim: int, blocks: Tensor) -> Tensor:
+        """Dequantized blocks [n, BS, H_kv, D] in `dtype` (what `_gather_context` reads)."""
+        data = self.data.index_select(dim, blocks).to(self.dtype)
+        return data * self.scales.index_select(dim, blocks).to(self.dtype)
+
+
+def write_kv(cache: Tensor | QuantizedKV, slots: Tensor, x: Tensor) -> None:
+    """Store new keys or values x [T, H_kv, D] at cache slots [T]."""
+    if isinstance(cache, QuantizedKV):
+        cache.write(slots, x)
+    else:
+        cache.view(-1, x.shape[1], x.shape[2]).index_copy_(0, slots, x)
 
 
 class KVCache:
-    """The cache tensors of one model: per layer K and V of [num_blocks, block_size, H_kv, D]."""
+    """The cache tensors of one model: per layer K and V of [num_blocks, block_size, H_kv, D],
+    plain tensors in the model's dtype or `QuantizedKV` when `kv_dtype` is int8 / fp8."""
 
     def __init__(
         self,
@@ -40,15 +105,18 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         shape = (num_blocks, block_size, args.n_kv_heads, args.head_dim)
-        self.layers = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(args.n_layers)
-        ]
+        kv_dtype = kv_dtype or dtype
+
+        def make() -> Tensor | QuantizedKV:
+            if kv_dtype in QUANT_MAX:
+                return QuantizedKV(shape, kv_dtype, dtype, device)
+            return torch.zeros(shape, dtype=kv_dtype, device=device)
+
+        self.layers = [(make(), make()) for _ in range(args.n_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @property

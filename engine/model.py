@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import ModelArgs
+from engine.kv_cache import write_kv
 
 
 class AttnMode(enum.Enum):
@@ -157,8 +158,8 @@ class Attention(nn.Module):
         cos, sin = rope[:, 0:1].to(q.dtype), rope[:, 1:2].to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, H_kv, D]
-        k_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        write_kv(k_cache, meta.slot_mapping, k)
+        write_kv(v_cache, meta.slot_mapping, v)
         out = self._attend(q, (k, v), (k_cache, v_cache), meta)
         return self.o_proj(out.reshape(t, -1))
 

@@ -34,7 +34,8 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.sliding_window = model.args.sliding_window
         # The Triton kernel serves decode on GPU; on CPU one padded SDPA handles every batch.
-        self.use_decode_kernel = device.type == "cuda"
+        # A quantized cache (engine/kv_cache.py QuantizedKV) is read dequantized by SDPA.
+        self.use_decode_kernel = device.type == "cuda" and isinstance(cache.layers[0][0], Tensor)
         self.dtype = cache.layers[0][0].dtype
 
     @torch.inference_mode()

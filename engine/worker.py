@@ -39,6 +39,8 @@ class ModelInfo:
     kv_cache_bytes: int
     vocab_size: int
     num_parameters: int
+    quantization: str | None = None  # weight scheme (engine/quantize.py), None for float
+    kv_cache_dtype: str = ""  # dtype the KV cache stores
 
 
 @dataclass(eq=False)
