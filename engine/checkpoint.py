@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engine.config import ModelArgs
 from engine.errors import CheckpointError, QuantizationError
@@ -19,6 +21,7 @@ from engine.quantize import (
     parse_scheme,
     prepare_model,
     quantize_model,
+    quantized_state_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -186,3 +189,50 @@ def _check_keys(model: Transformer, state: dict, args: ModelArgs, path: Path) ->
     extra = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
     if extra:
         log.warning("%s: ignoring %d unexpected tensors, e.g. %s", path, len(extra), extra[0])
+
+
+def quantize_checkpoint(src: str | Path, scheme: str, out: str | Path) -> dict:
+    """Write a quantized copy of a float checkpoint: the linears' (and untied embeddings')
+    weights as canonical quantized tensors, `quantization_config` in config.json, every other
+    file copied. Returns what was written."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError("checkpoint directory not found", file=str(src))
+    config_file = src / "config.json"
+    raw = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "quantization_config" in raw:
+        raise QuantizationError(
+            "the checkpoint is quantized already",
+            file=str(config_file),
+            field="quantization_config",
+        )
+    qconfig = parse_scheme(scheme, field="scheme", file="<quantize>")
+    args = ModelArgs.from_dir(src)
+    with torch.device("meta"):
+        model = Transformer(args)
+    tied = args.tie_word_embeddings
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears.discard("lm_head" if tied else "")
+    embedding = "model.embed_tokens" if qconfig.embeddings and not tied else None
+    state = {}
+    for f in weight_files(src):
+        with safe_open(f, framework="pt", device="cpu") as st:
+            names = st.keys()
+            for name in names:
+                state[name] = st.get_tensor(name)
+    quantized = quantized_state_dict(state, qconfig, linear_names=linears, embedding=embedding)
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_side_files(src, out)
+    save_file(quantized, str(out / SINGLE_FILE), metadata={"format": "pt"})
+    raw["quantization_config"] = qconfig.to_json()
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    sizes = (sum(t.nbytes for t in state.values()), sum(t.nbytes for t in quantized.values()))
+    return {"scheme": qconfig.scheme, "out": str(out), "bytes_in": sizes[0], "bytes_out": sizes[1]}
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    """Tokenizer, generation config, README...: everything but the weights and config.json."""
+    for f in src.iterdir():
+        skip = f.suffix == ".safetensors" or f.name in (INDEX_FILE, "config.json")
+        if f.is_file() and not skip:
+            shutil.copy2(f, out / f.name)

@@ -328,6 +328,40 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quantize(subparsers: Any) -> None:
+    """`compound quantize --model DIR --scheme int8|int4-g64|fp8 --out DIR`."""
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write a weight-quantized copy of a checkpoint",
+        description="Quantize every linear layer (and untied embeddings) of a Hugging Face "
+        "checkpoint; config.json of the copy carries `quantization_config`, which the engine "
+        "reads when it loads the copy.",
+    )
+    parser.add_argument("--model", required=True, help="float checkpoint directory")
+    parser.add_argument(
+        "--scheme",
+        required=True,
+        choices=["int8", "int4-g32", "int4-g64", "int4-g128", "fp8"],
+        help="weight format",
+    )
+    parser.add_argument("--out", required=True, help="output checkpoint directory")
+    parser.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize and print what was written as JSON; 2 when the checkpoint cannot be used."""
+    from engine.checkpoint import quantize_checkpoint
+    from engine.errors import CheckpointError
+
+    try:
+        figures = quantize_checkpoint(args.model, args.scheme, args.out)
+    except (CheckpointError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    sys.stdout.write(msgspec.json.encode(figures).decode() + "\n")
+    return 0
+
+
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     add_serve,
     add_run,
@@ -335,6 +369,7 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     add_validate,
     add_diff,
     add_finetune,
+    add_quantize,
 )
 
 

@@ -60,6 +60,10 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     # may only name folders inside it (a request never points the server at arbitrary files).
     adapter_dir: str | None = None
     max_loaded_adapters: int | None = None
+    # Weight-only quantization at load time (a checkpoint from `compound quantize` carries its
+    # own scheme in config.json) and the KV cache's storage dtype.
+    quantization: Literal["int8", "int4-g32", "int4-g64", "int4-g128", "fp8"] | None = None
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] = "auto"
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `Engine.load_model`, leaving unset ones to the engine."""
@@ -69,8 +73,10 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
             "max_num_seqs": self.max_num_seqs,
             "adapter_dir": self.adapter_dir,
             "max_loaded_adapters": self.max_loaded_adapters,
+            "quantization": self.quantization,
         }
-        return {"dtype": self.dtype} | {k: v for k, v in optional.items() if v is not None}
+        fixed = {"dtype": self.dtype, "kv_cache_dtype": self.kv_cache_dtype}
+        return fixed | {k: v for k, v in optional.items() if v is not None}
 
 
 class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
