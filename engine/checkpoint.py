@@ -22,6 +22,7 @@ from engine.quantize import (
     prepare_model,
     quantize_model,
     quantized_state_dict,
+    tie_quantized,
 )
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,10 @@ def load_state_dict(
                 for name in names:
                     t = st.get_tensor(name)
                     keep = _leaf(name) in QUANTIZED_LEAVES
-                    state[name] = t.to(device=device, dtype=t.dtype if keep else dtype)
+                    # copy=True: tensors kept in their stored dtype would otherwise alias the
+                    # file's buffer at any byte offset, and the int8 CPU kernel's vector loads
+                    # fault on unaligned weights.
+                    state[name] = t.to(device=device, dtype=t.dtype if keep else dtype, copy=keep)
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read safetensors ({e})", file=str(f)) from e
     return state
@@ -148,10 +152,12 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(args)
         if stored:
-            empty_quantized(model, qconfig, tied=args.tie_word_embeddings, dtype=torch_dtype)
+            empty_quantized(model, qconfig, dtype=torch_dtype)
     _check_keys(model, state, args, path)
     model.load_state_dict(state, strict=False, assign=True)
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and stored:
+        tie_quantized(model)
+    elif args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if stored:
         prepare_model(model)
@@ -162,7 +168,8 @@ def load_model(
 
 def _check_keys(model: Transformer, state: dict, args: ModelArgs, path: Path) -> None:
     expected = set(model.state_dict().keys())
-    optional = {"lm_head.weight"} if args.tie_word_embeddings else set()
+    tied = args.tie_word_embeddings
+    optional = {k for k in expected if k.startswith("lm_head.")} if tied else set()
     missing = sorted(expected - optional - state.keys())
     if missing:
         raise CheckpointError(
@@ -192,8 +199,7 @@ def _check_keys(model: Transformer, state: dict, args: ModelArgs, path: Path) ->
 
 
 def quantize_checkpoint(src: str | Path, scheme: str, out: str | Path) -> dict:
-    """Write a quantized copy of a float checkpoint: the linears' (and untied embeddings')
-    weights as canonical quantized tensors, `quantization_config` in config.json, every other
+    """Write a quantized copy of a float checkpoint: the linears' and embeddings' weights as canonical quantized tensors, `quantization_config` in config.json, every other
     file copied. Returns what was written."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -210,10 +216,9 @@ def quantize_checkpoint(src: str | Path, scheme: str, out: str | Path) -> dict:
     args = ModelArgs.from_dir(src)
     with torch.device("meta"):
         model = Transformer(args)
-    tied = args.tie_word_embeddings
+    # A tied lm_head has no tensor of its own: the quantized embedding table serves both.
     linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    linears.discard("lm_head" if tied else "")
-    embedding = "model.embed_tokens" if qconfig.embeddings and not tied else None
+    embedding = "model.embed_tokens"
     state = {}
     for f in weight_files(src):
         with safe_open(f, framework="pt", device="cpu") as st:

@@ -47,7 +47,6 @@ class QuantConfig:
     """A quantization scheme and what it covers."""
 
     scheme: str  # one of SCHEMES
-    embeddings: bool = True  # also quantize the token embeddings (untied models only)
 
     @property
     def bits(self) -> int:
@@ -68,7 +67,6 @@ class QuantConfig:
             "scheme": self.scheme,
             "bits": self.bits,
             "group_size": self.group_size,
-            "quantize_embeddings": self.embeddings,
         }
 
     @classmethod
@@ -89,8 +87,7 @@ class QuantConfig:
                 file=file,
                 field="quantization_config.format_version",
             )
-        config = parse_scheme(cfg.get("scheme"), field="quantization_config.scheme", file=file)
-        return cls(config.scheme, embeddings=bool(cfg.get("quantize_embeddings", True)))
+        return parse_scheme(cfg.get("scheme"), field="quantization_config.scheme", file=file)
 
 
 def parse_scheme(scheme: object, *, field: str = "quantization", file: str = "<load_model>"):
@@ -237,14 +234,19 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, config: QuantConfig) -> QuantizedLinear:
-        """Quantize a float linear (nn.Linear or anything with `.weight` [out, in])."""
+        """Quantize a float linear (nn.Linear or anything with `.weight` [out, in]); the
+        result is not `prepare`d yet."""
         w = linear.weight.detach()
         module = cls(
             linear.in_features, linear.out_features, config, bias=linear.bias, dtype=w.dtype
         )
-        for name, t in quantize_weight(w, config).items():
-            setattr(module, name, t.to(w.device))
-        return module.prepare()
+        module.load_tensors(quantize_weight(w, config))
+        return module
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Install canonical tensors (shared, not copied: a tied embedding passes its own)."""
+        for name, t in tensors.items():
+            setattr(self, name, t)
 
     def tensors(self) -> dict[str, Tensor]:
         """The canonical tensors (before any device-specific repacking)."""
@@ -393,8 +395,12 @@ class QuantizedEmbedding(nn.Module):
         w = emb.weight.detach()
         module = cls(w.shape[0], w.shape[1], config, w.dtype)
         for name, t in quantize_weight(w, config).items():
-            setattr(module, name, t.to(w.device))
+            setattr(module, name, t)
         return module
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The canonical tensors of the table."""
+        return dict(self.named_buffers())
 
     @property
     def weight(self) -> Tensor:
@@ -411,50 +417,56 @@ class QuantizedEmbedding(nn.Module):
 # -- model-level swaps ---------------------------------------------------------------------------
 
 
-def quantizable(model: nn.Module, tied: bool) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, child) of every linear to quantize. A tied lm_head shares the float
-    embedding table, so it stays float (quantizing it would store the table twice)."""
+def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, child) of every float linear but a tied lm_head."""
     found = []
-    for parent_name, parent in model.named_modules():
+    for parent in model.modules():
         for name, child in parent.named_children():
-            full = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(child, nn.Linear) and not (tied and full == "lm_head"):
+            if isinstance(child, nn.Linear) and child is not getattr(model, "lm_head", None):
                 found.append((parent, name, child))
     return found
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, *, tied: bool) -> nn.Module:
-    """Swap the float linears (and untied embeddings) of a loaded model for quantized ones."""
-    for parent, name, child in quantizable(model, tied):
-        setattr(parent, name, LINEAR_CLASSES[config.scheme].from_linear(child, config))
-    inner = getattr(model, "model", None)
-    if (
-        config.embeddings
-        and not tied
-        and isinstance(getattr(inner, "embed_tokens", None), nn.Embedding)
-    ):
-        inner.embed_tokens = QuantizedEmbedding.from_embedding(inner.embed_tokens, config)
+    """Swap the float linears and the token embeddings of a loaded model (a Transformer) for
+    quantized ones. A tied lm_head and the embeddings share one quantized table: per-row
+    quantization of [vocab, dim] is the same for both."""
+    cls = LINEAR_CLASSES[config.scheme]
+    for parent, name, child in _linears(model):
+        setattr(parent, name, cls.from_linear(child, config).prepare())
+    emb = QuantizedEmbedding.from_embedding(model.model.embed_tokens, config)
+    model.model.embed_tokens = emb
+    if tied:
+        head = cls(emb.embedding_dim, emb.num_embeddings, config, bias=None, dtype=emb.dtype)
+        head.load_tensors(emb.tensors())
+    else:
+        head = cls.from_linear(model.lm_head, config)
+    model.lm_head = head.prepare()
     log.info("quantized %s to %s", type(model).__name__, config.scheme)
     return model
 
 
-def empty_quantized(model: nn.Module, config: QuantConfig, *, tied: bool, dtype: torch.dtype):
-    """On a meta-device model, swap linears for empty quantized modules a checkpoint fills."""
-    for parent, name, child in quantizable(model, tied):
+def empty_quantized(model: nn.Module, config: QuantConfig, *, dtype: torch.dtype) -> nn.Module:
+    """On a meta-device model, swap linears and embeddings for empty quantized modules that a
+    checkpoint fills (then `tie_quantized` and `prepare_model`)."""
+    cls = LINEAR_CLASSES[config.scheme]
+    for parent, name, child in [*_linears(model), (model, "lm_head", model.lm_head)]:
         bias = None if child.bias is None else torch.empty_like(child.bias, dtype=dtype)
-        cls = LINEAR_CLASSES[config.scheme]
         setattr(
             parent,
             name,
             cls(child.in_features, child.out_features, config, bias=bias, dtype=dtype),
         )
-    inner = getattr(model, "model", None)
-    if config.embeddings and not tied and inner is not None:
-        emb = inner.embed_tokens
-        inner.embed_tokens = QuantizedEmbedding(
-            emb.num_embeddings, emb.embedding_dim, config, dtype
-        )
+    emb = model.model.embed_tokens
+    model.model.embed_tokens = QuantizedEmbedding(
+        emb.num_embeddings, emb.embedding_dim, config, dtype
+    )
     return model
+
+
+def tie_quantized(model: nn.Module) -> None:
+    """Point a tied lm_head at the quantized embedding table (checkpoints store it once)."""
+    model.lm_head.load_tensors(model.model.embed_tokens.tensors())
 
 
 def prepare_model(model: nn.Module) -> None:
