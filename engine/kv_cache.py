@@ -77,12 +77,14 @@ class QuantizedKV:
             else q.to(self.data.dtype)
         )
         h, d = self.shape[2], self.shape[3]
-        self.data.view(-1, h, d).index_copy_(0, slots, q)
+        # Copies go through an int8 view: CPU index kernels do not take float8.
+        self.data.view(torch.int8).view(-1, h, d).index_copy_(0, slots, q.view(torch.int8))
         self.scales.view(-1, h, 1).index_copy_(0, slots, scale)
 
     def index_select(self, dim: int, blocks: Tensor) -> Tensor:
         """Dequantized blocks [n, BS, H_kv, D] in `dtype` (what `_gather_context` reads)."""
-        data = self.data.index_select(dim, blocks).to(self.dtype)
+        data = self.data.view(torch.int8).index_select(dim, blocks).view(self.data.dtype)
+        data = data.to(self.dtype)
         return data * self.scales.index_select(dim, blocks).to(self.dtype)
 
 

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from engine.errors import AdapterError
 from engine.model import TransposedLinear
+from engine.quantize import QuantizedLinear
 
-LINEAR_TYPES = (nn.Linear, TransposedLinear)
+LINEAR_TYPES = (nn.Linear, TransposedLinear, QuantizedLinear)
 # The linears an adapter may target: PEFT names them by their last module name.
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")

@@ -274,12 +274,28 @@ class QuantizedLinear(nn.Module):
         """x [M, K] -> x @ W^T [M, N] in x's dtype; the dequantize-then-matmul fallback."""
         return F.linear(x, self.weight.to(x.dtype))
 
+    def reference_matmul(self, x: Tensor) -> Tensor:
+        """The reference implementation `_matmul` must agree with: the dequantized weight in
+        fp32, with activations and outputs rounded where the kernels round them (to bf16 for
+        the CPU integer kernels: W8A16 / W4A16 take 16-bit activations)."""
+        w = self.weight.float()
+        act = self.activation_dtype(x)
+        y = x.to(act).float() @ w.t()
+        return y.to(act).to(x.dtype)
+
+    def activation_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype `_matmul` multiplies x in."""
+        return x.dtype
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.config.scheme}"
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
     """W8A16: int8 weights, per-output-channel scales, activations in their own dtype."""
+
+    def activation_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.bfloat16 if x.device.type == "cpu" else x.dtype
 
     def _matmul(self, x: Tensor) -> Tensor:
         if x.is_cuda and x.shape[0] <= _MAX_KERNEL_ROWS:
@@ -307,6 +323,8 @@ class Int4GroupedLinear(QuantizedLinear):
     def prepare(self) -> QuantizedLinear:
         if self.qweight.device.type != "cpu" or self.qweight.shape[0] != self.out_features:
             return self  # on a GPU, or packed already
+        if self.out_features % 16:
+            return self  # the CPU packing needs N % 16 == 0: dequantize-and-matmul instead
         q = unpack_int4(self.qweight).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # tinygemm's layout: [K/g, N, 2] (scale, zero)
@@ -327,9 +345,21 @@ class Int4GroupedLinear(QuantizedLinear):
     def weight(self) -> Tensor:
         if not self.packed_for_cpu:
             return super().weight
-        # The kernel itself dequantizes: x = I gives W^T.
+        # The kernel unpacks for us: with x = I, scale 1 and zero 0 it returns (q - 8)^T exactly
+        # (small integers), which the stored scales and zeros then dequantize in fp32.
+        sz = self.cpu_scales_zeros  # [K/g, N, 2]
+        unit = torch.stack((torch.ones_like(sz[..., 0]), torch.zeros_like(sz[..., 1])), dim=-1)
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return self._cpu_mm(eye).t().to(self.dtype)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.cpu_packed, self.config.group_size, unit
+        )
+        n, groups = self.out_features, sz.shape[0]
+        q = q.float().t().reshape(n, groups, -1)
+        w = q * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]
+        return w.reshape(n, -1).to(self.dtype)
+
+    def activation_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.bfloat16 if self.packed_for_cpu and x.device.type == "cpu" else x.dtype
 
     def _cpu_mm(self, x: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -63,7 +63,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     # Weight-only quantization at load time (a checkpoint from `compound quantize` carries its
     # own scheme in config.json) and the KV cache's storage dtype.
     quantization: Literal["int8", "int4-g32", "int4-g64", "int4-g128", "fp8"] | None = None
-    kv_cache_dtype: Literal["auto", "int8", "fp8"] = "auto"
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `Engine.load_model`, leaving unset ones to the engine."""
@@ -74,9 +74,9 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
             "adapter_dir": self.adapter_dir,
             "max_loaded_adapters": self.max_loaded_adapters,
             "quantization": self.quantization,
+            "kv_cache_dtype": self.kv_cache_dtype,
         }
-        fixed = {"dtype": self.dtype, "kv_cache_dtype": self.kv_cache_dtype}
-        return fixed | {k: v for k, v in optional.items() if v is not None}
+        return {"dtype": self.dtype} | {k: v for k, v in optional.items() if v is not None}
 
 
 class ProviderConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -21,8 +21,9 @@ def make_adapter(base_dir, out_dir, *, seed, r=4, targets=("q_proj", "v_proj", "
     """A random PEFT LoRA adapter; returns the merged transformers model as the reference."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                          init_lora_weights=False, **kw)
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **kw
+    )
     pm = peft.get_peft_model(model, cfg)
     with torch.no_grad():  # make the deltas large enough to matter
         for name, p in pm.named_parameters():
@@ -37,8 +38,13 @@ def lora_setup(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     refs = {
         "a1": make_adapter(tiny_llama, root / "a1", seed=1),
-        "a2": make_adapter(tiny_llama, root / "a2", seed=2, r=8,
-                           targets=("k_proj", "o_proj", "gate_proj", "up_proj")),
+        "a2": make_adapter(
+            tiny_llama,
+            root / "a2",
+            seed=2,
+            r=8,
+            targets=("k_proj", "o_proj", "gate_proj", "up_proj"),
+        ),
     }
     return tiny_llama, root, refs
 
@@ -46,9 +52,13 @@ def lora_setup(tiny_llama, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral"])
 def test_adapter_logits_match_peft_merged(variant, build_variant, tmp_path):
     base = build_variant(variant)
-    ref = make_adapter(base, tmp_path / "a", seed=3, use_rslora=True,
-                       targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                "down_proj"))
+    ref = make_adapter(
+        base,
+        tmp_path / "a",
+        seed=3,
+        use_rslora=True,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
     with Engine() as eng:
         eng.load_model("tiny", base, dtype="float32")
         eng.load_adapter("tiny:a", tmp_path / "a")
@@ -69,13 +79,16 @@ def test_mixed_adapter_batch_matches_each_request_alone(lora_setup):
         eng.load_model("tiny", base, dtype="float32")
         eng.load_adapter("tiny:a1", root / "a1")
         eng.load_adapter("tiny:a2", root / "a2")
-        alone = [eng.generate([p], GREEDY, model=m)[0].token_ids
-                 for p, m in zip(prompts, models, strict=True)]
+        alone = [
+            eng.generate([p], GREEDY, model=m)[0].token_ids
+            for p, m in zip(prompts, models, strict=True)
+        ]
 
         async def together():
             async def one(p, m):
                 req = GenerationRequest(model=m, prompt_token_ids=p, params=GREEDY)
                 return [t async for d in eng.stream(req) for t in d.token_ids]
+
             return await asyncio.gather(*(one(p, m) for p, m in zip(prompts, models, strict=True)))
 
         mixed = asyncio.run(together())
@@ -92,7 +105,7 @@ def test_generate_with_adapter_matches_peft_greedy(lora_setup):
     ref = refs["a2"]
     ref.generation_config.eos_token_id = None
     out = ref.generate(torch.tensor([IDS]), do_sample=False, max_new_tokens=10)
-    assert ours == out[0, len(IDS):].tolist()
+    assert ours == out[0, len(IDS) :].tolist()
 
 
 def test_slots_evict_lru_and_reload_from_cpu(lora_setup):
