@@ -377,18 +377,20 @@ class Int4GroupedLinear(QuantizedLinear):
 
 
 class Fp8Linear(QuantizedLinear):
-    """FP8 (e4m3) weights with per-channel scales. On GPUs with FP8 tensor cores (sm_89+)
-    activations are quantized per token and multiplied by `torch._scaled_mm`; elsewhere the
-    weight is dequantized to the activations' dtype."""
+    """FP8 (e4m3) weights with per-channel scales. On Hopper (sm_90+) activations are quantized
+    per token and multiplied by `torch._scaled_mm`; elsewhere the weight is dequantized to the
+    activations' dtype."""
 
     def _matmul(self, x: Tensor) -> Tensor:
-        if x.is_cuda and _has_fp8_mm(x.device):
+        aligned = self.in_features % 16 == 0 and self.out_features % 16 == 0
+        if x.is_cuda and aligned and _has_fp8_mm(x.device):
             return _fp8_scaled_mm(x, self.qweight, self.scales)
         return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
 
 
 def _has_fp8_mm(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    """Row-wise scaled FP8 GEMMs (`torch._scaled_mm` with per-row scales) need Hopper."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _fp8_scaled_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
