@@ -272,18 +272,20 @@ def test_quantized_kv_round_trip(qdtype: torch.dtype) -> None:
     assert ((back - x).abs() <= x.abs().amax(-1, keepdim=True) * rel).all()
 
 
-def test_quantized_kv_cache_is_smaller_and_keeps_greedy_output(build_variant) -> None:
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_quantized_kv_cache_is_smaller_and_keeps_greedy_output(build_variant, kv_dtype) -> None:
     base = build_variant("llama")
     with Engine(device="cpu") as eng:
         f = eng.load_model("f", base, dtype="float32", num_blocks=32)
-        q = eng.load_model("q", base, dtype="float32", num_blocks=32, kv_cache_dtype="int8")
+        q = eng.load_model("q", base, dtype="float32", num_blocks=32, kv_cache_dtype=kv_dtype)
         prompts = [IDS, IDS[:5], [1, 2, 3]]
         assert [o.token_ids for o in eng.generate(prompts, GREEDY, model="q")] == [
             o.token_ids for o in eng.generate(prompts, GREEDY, model="f")
         ]
         with pytest.raises(InvalidRequestError):
             eng.load_model("bad", base, kv_cache_dtype="int4")
-    assert q.kv_cache_bytes < 0.3 * f.kv_cache_bytes and q.kv_cache_dtype == "int8"
+    assert q.kv_cache_bytes < 0.3 * f.kv_cache_bytes
+    assert q.kv_cache_dtype == {"int8": "int8", "fp8": "float8_e4m3fn"}[kv_dtype]
 
 
 def test_kv_block_bytes_count_the_scales(build_variant) -> None:
