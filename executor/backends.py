@@ -40,6 +40,7 @@ class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0
     stop: list[str] = []
     seed: int | None = None
+    grammar: str | None = None  # Lark grammar the output must match (constrained decoding)
 
 
 class ModelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,14 +129,19 @@ class EngineBackend:
         # Imported here: the executor package must load without torch (fast CLI validate).
         from engine import GenerationRequest, SamplingParams
 
-        params = SamplingParams(
-            max_tokens=call.max_tokens,
-            temperature=call.temperature,
-            top_p=call.top_p,
-            top_k=call.top_k,
-            seed=call.seed,
-            stop=tuple(call.stop),
-        )
+        constraint = {"grammar": call.grammar} if call.grammar is not None else {}
+        try:
+            params = SamplingParams(
+                max_tokens=call.max_tokens,
+                temperature=call.temperature,
+                top_p=call.top_p,
+                top_k=call.top_k,
+                seed=call.seed,
+                stop=tuple(call.stop),
+                **constraint,
+            )
+        except TypeError as e:  # an engine built without constrained decoding
+            raise BackendError(f"engine model {call.target!r}: {e}") from e
         if call.messages is None:
             return GenerationRequest(model=call.target, prompt=call.prompt or "", params=params)
         try:
@@ -183,6 +189,10 @@ class OpenAIBackend:
         """POST a streamed chat completion; provider and transport errors become `BackendError`."""
         if call.target not in self.model_map:
             raise BackendError(f"provider {self.name!r} does not serve {call.target!r}")
+        if call.grammar is not None:
+            raise BackendError(
+                f"provider {self.name!r}: grammar-constrained calls are not supported"
+            )
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             async with self._http().stream(

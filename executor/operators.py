@@ -59,6 +59,7 @@ class Env:
     max_concurrency: int
     retry_base_s: float
     retry_max_s: float
+    declared_tools: tuple[str, ...] = ()  # the pipeline's `tools`: all a plan step may call
 
 
 @dataclass

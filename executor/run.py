@@ -38,6 +38,7 @@ from executor.operators import (
     fan_out,
     run_batch,
 )
+from executor.planning import run_plan
 from executor.policies import attempt, seconds, skip_reason, within_budget
 from executor.slots import Slots
 from planner.expressions import ExpressionError, references, render_value
@@ -47,6 +48,8 @@ from planner.spec import Limits
 log = logging.getLogger(__name__)
 
 DEFAULT_PER_RESOURCE = {"model:*": 16, "tool:*": 32}
+# Call operators by physical op; `plan` lives in its own module (it builds on the others).
+OPS = {**CALL_OPS, "plan": run_plan}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +172,7 @@ def _env(
         max_concurrency=max_concurrency,
         retry_base_s=limits.retry_base_s,
         retry_max_s=limits.retry_max_s,
+        declared_tools=tuple(plan.spec.tools),
     )
 
 
@@ -386,7 +390,7 @@ async def _perform(ctx: RunContext, env: Env, run: StepRun) -> Any:
     if run.op in LOCAL_OPS:
         run.tally.attempts = 1
         return await LOCAL_OPS[run.op](ctx, run)
-    unit = partial(attempt, ctx, env, run, CALL_OPS[run.op])
+    unit = partial(attempt, ctx, env, run, OPS[run.op])
     if run.step.map is None:
         return await unit(ctx.scope())
     return await fan_out(ctx, env, run, unit)

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import networkx as nx
 
-from planner import expressions
+from planner import expressions, plan_format
 from planner.errors import PlanError, SpecError, SpecErrors
 from planner.fields import Source, is_templated, output_sources, pointer, step_sources
 from planner.load import check_spec
@@ -120,6 +120,9 @@ def _bind_models(spec: PipelineSpec, catalog: Catalog) -> Iterator[PlanError]:
         aliases = []
         if step.generate is not None:
             aliases.append((f"{base}/generate/model", step.generate.model))
+        if step.plan is not None:
+            aliases.append((f"{base}/plan/planner/model", step.plan.planner.model))
+            aliases.append((f"{base}/plan/joiner/model", step.plan.joiner.model))
         aliases += [
             (f"{base}/fallback/{i}/model", f.model) for i, f in enumerate(step.fallback) if f.model
         ]
@@ -141,11 +144,30 @@ def _bind_tools(spec: PipelineSpec, catalog: Catalog) -> Iterator[PlanError]:
         names += [
             (f"{base}/fallback/{i}/tool", f.tool) for i, f in enumerate(step.fallback) if f.tool
         ]
+        if step.plan is not None:
+            yield from _plan_tools(base, spec, step_id)
         for path, name in names:
             if name not in spec.tools:
                 yield PlanError(path, f"tool `{name}` is not declared in `tools`", step=step_id)
             elif name in catalog.tools:
                 yield from _check_args(f"{base}/args", step.args, catalog.tools[name], step_id)
+
+
+def _plan_tools(base: str, spec: PipelineSpec, step_id: str) -> Iterator[PlanError]:
+    """A plan may call only the pipeline's declared tools: there must be some."""
+    if not spec.tools:
+        yield PlanError(
+            f"{base}/plan",
+            "a plan step needs the tools it may call declared in `tools`",
+            step=step_id,
+        )
+    step = spec.steps[step_id]
+    if step.plan.constrain and not plan_format.has_grammar():
+        yield PlanError(
+            f"{base}/plan/constrain",
+            "constrained plan decoding is not available on this server (no plan grammar)",
+            step=step_id,
+        )
 
 
 def _check_args(
@@ -267,7 +289,13 @@ def _cycles(spec: PipelineSpec, deps: Mapping[str, Collection[str]]) -> Iterator
 # ---------------------------------------------------------------------------- types
 
 
-_KIND_TYPES = {"filter": "array", "route": "string", "pipeline": "object", "tool": "any"}
+_KIND_TYPES = {
+    "filter": "array",
+    "route": "string",
+    "pipeline": "object",
+    "tool": "any",
+    "plan": "string",
+}
 
 
 def output_type(step: Step) -> str:

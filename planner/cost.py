@@ -20,6 +20,7 @@ from planner.logical import (
     Generate,
     Map,
     Node,
+    Plan,
     Route,
     Subpipeline,
 )
@@ -28,6 +29,7 @@ SECONDS_PER_TOKEN = 0.02
 TOOL_SECONDS = 0.05
 LOCAL_SECONDS = 0.001
 PIPELINE_SECONDS = 1.0
+PLAN_TOOL_DEPTH = 2  # tool calls on a plan's longest chain (lookups, then calc)
 FAN_OUT = 4
 SELECTIVITY = 0.5
 # A batch finishes with its slowest call: batch only calls of similar cost.
@@ -114,6 +116,8 @@ def _attempt(node: Node, stats: Statistics) -> Estimate:
         return Estimate(LOCAL_SECONDS)
     if isinstance(node, Subpipeline):
         return Estimate(PIPELINE_SECONDS)
+    if isinstance(node, Plan):
+        return _plan(node, stats)
     raise TypeError(f"no cost model for {type(node).__name__}")
 
 
@@ -123,6 +127,23 @@ def _generate(node: Generate, seen: Aggregate | None) -> Estimate:
         return Estimate(SECONDS_PER_TOKEN * max_tokens, max_tokens)
     tokens = min(float(max_tokens), seen.tokens)
     return Estimate(seen.latency_s / seen.tokens * tokens, round(tokens), seen.failure_rate)
+
+
+def _plan(node: Plan, stats: Statistics) -> Estimate:
+    """One round: the planner's and the joiner's budgets, and a few tool calls in a row."""
+    spec = node.step.plan
+    calls = [(spec.planner, node.planner), (spec.joiner, node.joiner)]
+    latency, tokens = PLAN_TOOL_DEPTH * TOOL_SECONDS, 0
+    for gen, (_, target) in calls:
+        seen = stats.model(target)
+        if seen is None or seen.tokens <= 0:
+            latency += SECONDS_PER_TOKEN * gen.max_tokens
+            tokens += gen.max_tokens
+        else:
+            expected = min(float(gen.max_tokens), seen.tokens)
+            latency += seen.latency_s / seen.tokens * expected
+            tokens += round(expected)
+    return Estimate(latency, tokens)
 
 
 def _retried(retries: int, one: Estimate) -> Estimate:

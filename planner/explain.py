@@ -19,6 +19,7 @@ OP_NAMES = {
     "filter": "Filter",
     "route": "Route",
     "pipeline": "Subpipeline",
+    "plan": "Plan",
     "batch": "Batch",
 }
 ACTUAL_FIELDS = ("latency_s", "tokens", "attempts", "status")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from planner.spec import PipelineSpec, Step
+from planner.spec import Generate, PipelineSpec, Step
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,10 @@ def step_sources(step_id: str, step: Step) -> Iterator[Source]:
 
 def _kind_sources(base: str, step: Step) -> Iterator[Source]:
     if step.generate is not None:
-        gen = step.generate
-        if gen.prompt is not None:
-            yield Source(f"{base}/generate/prompt", gen.prompt, False)
-        for i, message in enumerate(gen.messages or ()):
-            yield Source(f"{base}/generate/messages/{i}/content", message.content, False)
+        yield from _generate_sources(f"{base}/generate", step.generate)
+    if step.plan is not None:
+        yield from _generate_sources(f"{base}/plan/planner", step.plan.planner)
+        yield from _generate_sources(f"{base}/plan/joiner", step.plan.joiner)
     if step.filter is not None:
         yield Source(f"{base}/filter/items", step.filter.items, True)
         yield Source(f"{base}/filter/where", step.filter.where, True)
@@ -53,6 +52,13 @@ def _kind_sources(base: str, step: Step) -> Iterator[Source]:
             yield Source(f"{base}/route/branches/{i}/when", branch.when, True)
     if step.pipeline is not None:
         yield from value_sources(f"{base}/pipeline/inputs", step.pipeline.inputs)
+
+
+def _generate_sources(path: str, gen: Generate) -> Iterator[Source]:
+    if gen.prompt is not None:
+        yield Source(f"{path}/prompt", gen.prompt, False)
+    for i, message in enumerate(gen.messages or ()):
+        yield Source(f"{path}/messages/{i}/content", message.content, False)
 
 
 def value_sources(path: str, value: Any) -> Iterator[Source]:

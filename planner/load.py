@@ -406,10 +406,12 @@ def _check_step(base: str, step: Step) -> Iterator[SpecError]:
     yield from _check_map(base, step, kind)
     yield from _check_output(base, step, kind)
     yield from _check_fallback(base, step, kind)
-    if step.generate is not None and (step.generate.prompt is None) == (
-        step.generate.messages is None
-    ):
-        yield SpecError(f"{base}/generate", "give exactly one of `prompt` and `messages`")
+    calls = [("generate", step.generate)]
+    if step.plan is not None:
+        calls += [("plan/planner", step.plan.planner), ("plan/joiner", step.plan.joiner)]
+    for where, gen in calls:
+        if gen is not None and (gen.prompt is None) == (gen.messages is None):
+            yield SpecError(f"{base}/{where}", "give exactly one of `prompt` and `messages`")
 
 
 def _check_map(base: str, step: Step, kind: str) -> Iterator[SpecError]:

@@ -1,6 +1,7 @@
 """The logical plan: what a pipeline computes, as a DAG of small frozen operators.
 
-Leaves run one spec step: `Generate`, `CallTool`, `Filter`, `Route`, `Subpipeline`. Wrappers add
+Leaves run one spec step: `Generate`, `CallTool`, `Filter`, `Route`, `Subpipeline`, `Plan` (a
+model-written plan run as a dynamic sub-DAG of tool calls, then a joiner model). Wrappers add
 behaviour around a leaf: `Map` (fan-out over a list), `Fallback` (alternatives tried in order).
 `Batch` (made by a rule) submits several independent `Generate` calls to one model together.
 Every operator knows the node ids it waits for (`inputs`) and the spec steps whose outputs it
@@ -111,7 +112,30 @@ class Subpipeline(_Leaf):
         return f"Subpipeline {ids(self)} pipeline={self.pipeline}{self.policies()}"
 
 
-Leaf = Generate | CallTool | Filter | Route | Subpipeline
+@dataclass(frozen=True, kw_only=True)
+class Plan(_Leaf):
+    """A planner model writes tool calls that run as a dynamic DAG; a joiner model answers."""
+
+    planner: tuple[str, str]  # (alias, target)
+    joiner: tuple[str, str]
+    tools: tuple[str, ...]
+
+    def label(self) -> str:
+        """One printed line."""
+        spec = self.step.plan
+        extra = " constrain" if spec.constrain else ""
+        return (
+            f"Plan {ids(self)} planner={_call(self.planner)} joiner={_call(self.joiner)}"
+            f" tools=[{', '.join(self.tools)}] mode={spec.mode} rounds<={spec.max_rounds}"
+            f" tasks<={spec.max_tasks}{extra}{self.policies()}"
+        )
+
+
+def _call(model: tuple[str, str]) -> str:
+    return f"{model[0]}({model[1]})"
+
+
+Leaf = Generate | CallTool | Filter | Route | Subpipeline | Plan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,6 +405,13 @@ def _node(step_id: str, step: Step, bound: BoundSpec) -> Node:
         node = Filter(**common)
     elif step.route is not None:
         node = Route(**common)
+    elif step.plan is not None:
+        node = Plan(
+            planner=_model(step.plan.planner.model, bound.models),
+            joiner=_model(step.plan.joiner.model, bound.models),
+            tools=tuple(bound.spec.tools),
+            **common,
+        )
     else:
         node = Subpipeline(pipeline=step.pipeline.name, **common)
     if step.fallback:
@@ -388,6 +419,10 @@ def _node(step_id: str, step: Step, bound: BoundSpec) -> Node:
     if step.map is not None:
         node = Map(body=node)
     return node
+
+
+def _model(alias: str, models: Mapping[str, str]) -> tuple[str, str]:
+    return alias, models[alias]
 
 
 def _alternatives(step: Step, models: Mapping[str, str]) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from planner.logical import (
     Leaf,
     LogicalPlan,
     Node,
+    Plan,
     Route,
     Subpipeline,
     leaves,
@@ -39,6 +40,7 @@ _OPS = {
     Filter: "filter",
     Route: "route",
     Subpipeline: "pipeline",
+    Plan: "plan",
 }
 
 
@@ -47,11 +49,13 @@ class Task:
     """One schedulable unit of the physical plan."""
 
     id: str  # the step id, or "batch:<target>:<n>" for a batch
-    op: str  # "generate" | "tool" | "filter" | "route" | "pipeline" | "batch"
+    op: str  # "generate" | "tool" | "filter" | "route" | "pipeline" | "plan" | "batch"
     step_ids: tuple[str, ...]  # spec steps whose outputs this task produces
     step: Step | None  # the step to execute (rules may have rewritten it); None for a batch
     deps: frozenset[str]  # task ids that must finish first
-    resource: str  # concurrency class: "model:<target>", "tool:<name>", "local"
+    # concurrency class: "model:<target>", "tool:<name>", "local" (a plan step's own model and
+    # tool calls take their slots inside the task)
+    resource: str
     estimate: Estimate
     members: tuple[Task, ...] = ()  # batch: the generate tasks submitted together
     enabled_by: tuple[str, str] | None = None  # (route task id, branch label)

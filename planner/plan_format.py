@@ -193,3 +193,14 @@ def _format_value(value: Any) -> str:
     if isinstance(value, Ref):
         return f"${value.index}"
     return json.dumps(value, ensure_ascii=False)
+
+
+def parse_line(n: int, line: str) -> PlanStep:
+    """Parse line `n` of a plan on its own (a `join()` line parses to tool `join`), for
+    executors that start tasks while the plan is still being written."""
+    return _parse_line(n, line)
+
+
+def has_grammar() -> bool:
+    """Whether this build can constrain decoding to the plan grammar (`plan_grammar`)."""
+    return callable(globals().get("plan_grammar"))

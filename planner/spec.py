@@ -1,7 +1,7 @@
 """The pipeline spec language as msgspec Structs: the single source of `schemas/pipeline.schema.json`.
 
-A step is one of the kinds `generate`, `tool`, `filter`, `route`, `pipeline`, named by the key it
-carries (as in the design sketch); `map` fans any `generate`/`tool`/`pipeline` step out over a list.
+A step is one of the kinds `generate`, `tool`, `filter`, `route`, `pipeline`, `plan`, named by the
+key it carries (as in the design sketch); `map` fans any `generate`/`tool`/`pipeline` step out over a list.
 Policies (`when`, `retries`, `timeout`, `fallback`, `cache`, `budget`) apply to every kind.
 Everything a spec names is a name (model alias, registered tool, pipeline): never code or a URL.
 """
@@ -28,7 +28,7 @@ Expression = Annotated[str, Meta(max_length=2_048)]  # bare Jinja2 expression (s
 # "250ms", "10s", "2m", or seconds as a number.
 Duration = Annotated[str, Meta(pattern=r"^\d+(\.\d+)?(ms|s|m)$")] | Annotated[float, Meta(gt=0.0)]
 
-STEP_KINDS = ("generate", "tool", "filter", "route", "pipeline")
+STEP_KINDS = ("generate", "tool", "filter", "route", "pipeline", "plan")
 
 _STRUCT = {"forbid_unknown_fields": True, "frozen": True, "kw_only": True}
 
@@ -91,6 +91,31 @@ class CallPipeline(Struct, **_STRUCT):
     inputs: dict[Identifier, Any] = {}
 
 
+class PlanSpec(Struct, **_STRUCT):
+    """LLMCompiler-style: a planner model writes a plan (`planner/plan_format.py`) over the
+    pipeline's tools; each line runs as soon as it is complete and the lines it references are
+    done; a joiner model answers from the results. The joiner's answer starting with
+    `replan_marker`, a failed task or a plan that does not parse starts another round (the
+    planner sees `plan.rounds`), up to `max_rounds`.
+
+    Templates of `planner` and `joiner` see `plan`: `round`, `rounds` (earlier rounds: `text`,
+    `error`, `answer`), and for the joiner `text` and `tasks` (each `index`, `tool`, `args` as
+    written, `inputs` with `$K` substituted, `output`, `output_text`).
+    """
+
+    planner: Generate
+    joiner: Generate
+    # "parallel": one planner call streams the whole plan, tasks start as their lines complete.
+    # "sequential": ReAct-style, one planner call per line (the planner sees `plan.text` so
+    # far and stops at the newline), each task run before the next call.
+    mode: Literal["parallel", "sequential"] = "parallel"
+    constrain: bool = False  # decode the plan under the plan grammar of the declared tools
+    max_rounds: Annotated[int, Meta(ge=1, le=8)] = 2
+    max_tasks: Annotated[int, Meta(ge=1, le=32)] = 16
+    replan_marker: Annotated[str, Meta(min_length=1, max_length=64)] = "Replan"
+    replan_temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+
+
 class Budget(Struct, **_STRUCT):
     """Per-step limits on tokens generated and wall time."""
 
@@ -107,6 +132,7 @@ class Step(Struct, **_STRUCT):
     filter: Filter | None = None
     route: Route | None = None
     pipeline: CallPipeline | None = None
+    plan: PlanSpec | None = None
     # arguments of a tool step: values are templates (strings) or literals
     args: dict[Identifier, Any] = {}
     # fan-out: evaluate to a list; the step runs once per element (`item`, `index` in scope)

@@ -1,0 +1,392 @@
+"""The `plan` operator: a model-written plan run as a dynamic DAG of tool calls (LLMCompiler).
+
+One round: the planner model writes a plan (`planner/plan_format.py`). In `parallel` mode its
+text streams in and every line is parsed the moment its newline arrives; a valid line starts
+its tool call at once, which first waits for the lines its `$K` references name. In
+`sequential` mode (the ReAct-style baseline) the planner writes one line per call and each
+tool call finishes before the next planner call. Then the joiner model answers from the
+results. A plan that does not parse, names a tool the pipeline does not declare, or has too
+many lines is an error of the round, and so is a failed tool call; such a round, or a joiner
+answer that starts with the replan marker, starts the next round, whose planner sees the
+earlier rounds (`plan.rounds`). Tools are called only through the registry, which validates
+their arguments.
+
+Every planner call, tool call and joiner call is reported as a step of its own,
+`<step>.<round>.planner`, `<step>.<round>.<line>`, `<step>.<round>.joiner`, so the run's
+trace shows the dynamic DAG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn
+
+from executor import events
+from executor.backends import ModelCall, ModelResult
+from executor.context import RunContext
+from executor.errors import ExecutorError, OperatorError
+from executor.operators import Env, StepRun, model_call
+from planner.plan_format import (
+    JOIN,
+    PlanStep,
+    PlanSyntaxError,
+    Ref,
+    parse_line,
+    result_text,
+    substitute,
+)
+from planner.spec import Fallback, Generate, PlanSpec
+
+
+class PlanRejected(ExecutorError):
+    """A plan line the executor refuses: bad syntax, an undeclared tool, too many lines."""
+
+
+class TaskFailed(ExecutorError):
+    """A tool call of a plan failed (or a line it references did)."""
+
+
+@dataclass
+class Task:
+    """One plan line being run: its parsed call, and what became of it."""
+
+    step: PlanStep
+    future: asyncio.Task[Any] | None = None
+    inputs: dict[str, Any] | None = None
+    output: Any = None
+    error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        """What joiner and replanner templates see of a task."""
+        return {
+            "index": self.step.index,
+            "tool": self.step.tool,
+            "args": _printable(self.step.args),
+            "inputs": self.inputs,
+            "output": self.output,
+            "output_text": None if self.error else result_text(self.output),
+            "error": self.error,
+        }
+
+
+@dataclass
+class Round:
+    """One planner -> tools -> joiner round."""
+
+    number: int
+    lines: list[str] = field(default_factory=list)
+    tasks: dict[int, Task] = field(default_factory=dict)
+    joined: bool = False
+    error: str | None = None
+    answer: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The plan as written so far (valid lines only)."""
+        return "\n".join(self.lines)
+
+    def summary(self) -> dict[str, Any]:
+        """What the next round's planner sees of this one."""
+        return {
+            "round": self.number,
+            "text": self.text,
+            "error": self.error,
+            "answer": self.answer,
+            "tasks": [t.view() for t in self.tasks.values()],
+        }
+
+
+async def run_plan(
+    ctx: RunContext, env: Env, run: StepRun, scope: dict[str, Any], variant: Fallback | None
+) -> str:
+    """Plan, run the tools, join; replan until an answer or `max_rounds` rounds."""
+    spec: PlanSpec = run.step.plan
+    history: list[dict[str, Any]] = []
+    rounds = _Rounds(ctx, env, run, scope)
+    for number in range(1, spec.max_rounds + 1):
+        done = await rounds.run(Round(number), history)
+        history.append(done.summary())
+        if done.error is None and not _asks_replan(done.answer, spec):
+            return done.answer or ""
+    last = history[-1]
+    why = last["error"] or f"the joiner asked to replan ({last['answer']!r})"
+    raise OperatorError(
+        f"plan step {run.name!r} found no answer in {spec.max_rounds} round(s): {why}"
+    )
+
+
+def _asks_replan(answer: str | None, spec: PlanSpec) -> bool:
+    return answer is None or answer.strip().startswith(spec.replan_marker)
+
+
+class _Rounds:
+    """Runs rounds of one plan step: model calls, line parsing, task dispatch, events."""
+
+    def __init__(self, ctx: RunContext, env: Env, run: StepRun, scope: dict[str, Any]) -> None:
+        self.ctx, self.env, self.run_, self.scope = ctx, env, run, scope
+        self.spec: PlanSpec = run.step.plan
+        self.tools = frozenset(env.declared_tools)
+
+    async def run(self, current: Round, history: list[dict[str, Any]]) -> Round:
+        """One round; its errors are recorded on it (and on the run's events), never raised."""
+        try:
+            if self.spec.mode == "sequential":
+                await self._plan_sequentially(current, history)
+            else:
+                await self._plan_streaming(current, history)
+            await self._settle(current)
+        except (PlanRejected, TaskFailed) as e:
+            current.error = str(e)
+            await self._cancel(current)
+            return current
+        except BaseException:
+            await self._cancel(current)
+            raise
+        current.answer = await self._join(current, history)
+        return current
+
+    # -- planning ------------------------------------------------------------------------------
+
+    async def _plan_streaming(self, current: Round, history: list[dict[str, Any]]) -> None:
+        """One planner call; each completed line is parsed and dispatched while it streams."""
+        feed = _LineFeed(lambda line: self._accept(current, line))
+        call = self._planner_call(current, history)
+        result = await self._model(call, f"{current.number}.planner", on_delta=feed.push)
+        feed.close()
+        if feed.error is not None:
+            raise feed.error
+        if not current.joined:
+            self._reject(current, f"the plan does not end with {JOIN}() ({_tail(result.text)!r})")
+
+    async def _plan_sequentially(self, current: Round, history: list[dict[str, Any]]) -> None:
+        """One planner call per line; each tool call finishes before the next line is asked for."""
+        for turn in range(1, self.spec.max_tasks + 2):
+            call = self._planner_call(current, history)
+            call = replace(call, stop=sorted({*call.stop, "\n"}))
+            result = await self._model(call, f"{current.number}.planner.{turn}")
+            line = result.text.strip().split("\n", 1)[0]
+            task = self._accept(current, line)
+            if current.joined:
+                return
+            if task is not None:
+                await task.future
+        self._reject(current, f"no {JOIN}() after {self.spec.max_tasks} tasks")
+
+    def _planner_call(self, current: Round, history: list[dict[str, Any]]) -> ModelCall:
+        plan = {"round": current.number, "rounds": history, "text": current.text}
+        if self.spec.mode == "sequential" and current.lines:
+            plan["text"] += "\n"  # the next line starts on a line of its own
+        call = self._call(self.spec.planner, plan)
+        if current.number > 1 and self.spec.replan_temperature is not None:
+            call = replace(call, temperature=self.spec.replan_temperature)
+        if self.spec.constrain:
+            call = replace(call, grammar=_plan_grammar(sorted(self.tools)))
+        return call
+
+    def _accept(self, current: Round, line: str) -> Task | None:
+        """Parse line N, check it, and start its tool call (join() ends the plan)."""
+        if current.joined or not line.strip():
+            return None  # text after join() is ignored; blank lines carry nothing
+        n = len(current.lines) + 1
+        try:
+            step = parse_line(n, line)
+        except PlanSyntaxError as e:
+            self._reject(current, str(e))
+        if step.tool == JOIN:
+            if step.args:
+                self._reject(current, f"plan line {n}: {JOIN}() takes no arguments")
+            current.joined = True
+            current.lines.append(f"{n}. {JOIN}()")
+            return None
+        if step.tool not in self.tools:
+            declared = ", ".join(sorted(self.tools))
+            self._reject(current, f"plan line {n}: tool {step.tool!r} is not declared ({declared})")
+        if n > self.spec.max_tasks:
+            self._reject(current, f"the plan has more than {self.spec.max_tasks} tasks")
+        task = Task(step)
+        current.tasks[n] = task
+        current.lines.append(line.strip())
+        task.future = asyncio.create_task(self._tool(current, task), name=f"{self.run_.name}:{n}")
+        return task
+
+    def _reject(self, current: Round, message: str) -> NoReturn:
+        self._event_failed(f"{current.number}.plan", message)
+        raise PlanRejected(message)
+
+    # -- tools ---------------------------------------------------------------------------------
+
+    async def _tool(self, current: Round, task: Task) -> Any:
+        """Wait for the referenced lines, substitute their outputs, call the tool."""
+        step, sid = task.step, f"{current.number}.{task.step.index}"
+        for k in step.deps:
+            dep = current.tasks[k]
+            try:
+                await asyncio.shield(dep.future)
+            except TaskFailed:
+                task.error = f"line {k} it references failed"
+                self._event_failed(sid, task.error)
+                raise TaskFailed(f"plan line {step.index}: {task.error}") from None
+        results = {k: current.tasks[k].output for k in step.deps}
+        task.inputs = substitute(step.args, results)
+        started = self._event_started(sid)
+        try:
+            async with self.env.slots.hold(f"tool:{step.tool}", self.run_.priority):
+                task.output = await self.env.tools.call(step.tool, dict(task.inputs))
+        except Exception as e:
+            task.error = f"{type(e).__name__}: {e}"
+            self._event_failed(sid, task.error)
+            raise TaskFailed(f"plan line {step.index} ({step.tool}): {task.error}") from e
+        self._event_finished(sid, task.output, started, tokens=0, model=None)
+        return task.output
+
+    async def _settle(self, current: Round) -> None:
+        """Wait for every task; the first failure (in line order) fails the round."""
+        futures = [t.future for t in current.tasks.values() if t.future is not None]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _cancel(self, current: Round) -> None:
+        futures = [t.future for t in current.tasks.values() if t.future is not None]
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+
+    # -- joining -------------------------------------------------------------------------------
+
+    async def _join(self, current: Round, history: list[dict[str, Any]]) -> str:
+        plan = {
+            "round": current.number,
+            "rounds": history,
+            "text": current.text,
+            "tasks": [t.view() for t in current.tasks.values()],
+        }
+        call = self._call(self.spec.joiner, plan)
+        result = await self._model(call, f"{current.number}.joiner", stream_to_step=True)
+        return result.text.strip()
+
+    # -- model calls and events ----------------------------------------------------------------
+
+    def _call(self, gen: Generate, plan: dict[str, Any]) -> ModelCall:
+        return model_call(gen, {**self.scope, "plan": plan}, models=self.env.models, variant=None)
+
+    async def _model(
+        self,
+        call: ModelCall,
+        sub: str,
+        *,
+        on_delta: Callable[[str], None] | None = None,
+        stream_to_step: bool = False,
+    ) -> ModelResult:
+        """A model call under its model's slot, charged to the step, reported as `sub`."""
+        run, ctx = self.run_, self.ctx
+        sid = f"{run.name}.{sub}"
+        run.tally.model = run.tally.model or call.target
+        started = self._event_started(sub)
+
+        def delta(text: str) -> None:
+            ctx.emit(events.TokenDelta(run_id=ctx.run_id, step=sid, text=text))
+            if stream_to_step:
+                ctx.delta(run.step_ids, text)
+            if on_delta is not None:
+                on_delta(text)
+
+        try:
+            async with self.env.slots.hold(f"model:{call.target}", run.priority):
+                result = await self.env.backends.generate(call, delta)
+        except Exception as e:
+            self._event_failed(sub, f"{type(e).__name__}: {e}")
+            raise
+        tokens = result.prompt_tokens + result.completion_tokens
+        self._event_finished(sub, result.text, started, tokens=tokens, model=call.target)
+        budget = run.step.budget.max_tokens if run.step.budget else None
+        ctx.charge(run.tally, tokens, step=run.name, step_limit=budget)
+        return result
+
+    def _event_started(self, sub: str) -> float:
+        ctx = self.ctx
+        ctx.emit(events.StepStarted(run_id=ctx.run_id, step=f"{self.run_.name}.{sub}", attempt=1))
+        return time.time()
+
+    def _event_finished(
+        self, sub: str, output: Any, started: float, *, tokens: int, model: str | None
+    ) -> None:
+        ctx = self.ctx
+        ctx.emit(
+            events.StepFinished(
+                run_id=ctx.run_id,
+                step=f"{self.run_.name}.{sub}",
+                output=output,
+                started_at=started,
+                finished_at=time.time(),
+                attempts=1,
+                tokens=tokens,
+                model=model,
+            )
+        )
+
+    def _event_failed(self, sub: str, error: str) -> None:
+        ctx = self.ctx
+        ctx.emit(
+            events.StepFailed(
+                run_id=ctx.run_id, step=f"{self.run_.name}.{sub}", error=error, attempts=1
+            )
+        )
+
+
+class _LineFeed:
+    """Splits streamed text into lines; calls `on_line` for each complete one, in order.
+
+    The first error `on_line` raises is kept (later text is ignored) and re-raised by the
+    caller when the stream ends: the model's stream is not interrupted mid-token.
+    """
+
+    def __init__(self, on_line: Callable[[str], Any]) -> None:
+        self.on_line = on_line
+        self.buffer = ""
+        self.error: PlanRejected | None = None
+
+    def push(self, text: str) -> None:
+        """More streamed text."""
+        if self.error is not None:
+            return
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            self._line(line)
+
+    def close(self) -> None:
+        """The stream ended: the last line needs no newline."""
+        if self.error is None and self.buffer.strip():
+            self._line(self.buffer)
+        self.buffer = ""
+
+    def _line(self, line: str) -> None:
+        if self.error is not None:
+            return
+        try:
+            self.on_line(line)
+        except PlanRejected as e:
+            self.error = e
+
+
+def _plan_grammar(tools: list[str]) -> str:
+    """The plan grammar over these tools (constrained decoding, `planner.plan_format`)."""
+    from planner import plan_format
+
+    if not plan_format.has_grammar():
+        raise OperatorError("constrained plan decoding is not available on this server")
+    return plan_format.plan_grammar(tools)
+
+
+def _printable(args: dict[str, Any]) -> dict[str, Any]:
+    """Arguments as written: a bare `$K` reads as that text."""
+    return {k: (f"${v.index}" if isinstance(v, Ref) else v) for k, v in args.items()}
+
+
+def _tail(text: str) -> str:
+    return text.strip()[-80:]
