@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
+
+from msgspec.structs import replace
 
 from executor import events
 from executor.backends import ModelCall, ModelResult

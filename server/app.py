@@ -131,7 +131,8 @@ def start_pipelines(config: ServerConfig, engine: Engine) -> PipelineService:
         store,
         backends=build_backends(engine, config.providers),
         tools=default_registry(config.tools),
-        models=lambda target: target in served or target in engine.model_names(),
+        # `engine.serves`: loaded models and their adapters (`demo-base:planner`, on demand)
+        models=lambda target: target in served or engine.serves(target),
         limits=config.limits,
     )
     service.refresh_statistics()

@@ -152,6 +152,15 @@ class RunNotFoundError(ServerError):
         self.run_id = run_id
 
 
+class RunFailedError(ServerError):
+    """A pipeline run behind a chat completion failed; the run (and its trace) is stored."""
+
+    def __init__(self, run_id: str, error: str | None) -> None:
+        super().__init__(f"run {run_id} failed: {error or 'unknown error'}")
+        self.run_id = run_id
+        self.error = error
+
+
 class PayloadTooLargeError(ServerError):
     """A spec or body is larger than the configured limit."""
 
@@ -221,6 +230,11 @@ def _bad_adapter(exc: AdapterError) -> tuple[int, ErrorResponse]:
     where = Path(exc.file).name + (f": {exc.field}" if exc.field else "")
     message = f"{where}: {exc.reason}"
     return HTTP_400_BAD_REQUEST, _body(message, INVALID_REQUEST, exc.field, "invalid_adapter")
+
+
+def _run_failed(exc: RunFailedError) -> tuple[int, ErrorResponse]:
+    # 422, not 5xx: clients must not retry a run that failed on its own terms (a bad plan).
+    return HTTP_422_UNPROCESSABLE_ENTITY, _body(str(exc), INVALID_REQUEST, None, "run_failed")
 
 
 def _invalid_request(exc: InvalidRequestError) -> tuple[int, ErrorResponse]:
@@ -358,6 +372,7 @@ _CONVERTERS: tuple[tuple[type[Exception], Any], ...] = (
     (CommitRequiredError, _git_client),
     (RerunMismatchError, _git_client),
     (GitError, _git),
+    (RunFailedError, _run_failed),
     (PayloadTooLargeError, _too_large),
     (UnsupportedMediaTypeError, _media_type),
     (ModelNotFoundError, _model_not_found),

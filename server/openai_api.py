@@ -1,7 +1,12 @@
-"""OpenAI-compatible endpoints over the engine: completions, chat completions, models."""
+"""OpenAI-compatible endpoints over the engine: completions, chat completions, models.
+
+A chat completion whose `model` is not an engine model but a pipeline marked as a chat
+endpoint (`f1`, `f1@v1`) runs that pipeline on the conversation (`server/pipeline_chat.py`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -33,6 +38,9 @@ from server.openai_types import (
     ModelCard,
     ModelList,
 )
+from server.pipeline_chat import RUN_HEADER, chat_answer, chat_stream, start_chat_run
+from server.pipelines_api import actor_of
+from server.service import PipelineService
 
 EVENT_STREAM = "text/event-stream"
 # Proxies must not buffer the event stream.
@@ -100,8 +108,16 @@ class OpenAIController(Controller):
         data: JSONBody[ChatCompletionRequest],
         engine: NamedDependency[Engine],
         limits: NamedDependency[LimitsConfig],
+        pipelines: NamedDependency[PipelineService],
     ) -> Response[Any]:
-        """Answer a conversation; with `stream`, server-sent events in OpenAI's chunk format."""
+        """Answer a conversation; with `stream`, server-sent events in OpenAI's chunk format.
+
+        `model` names an engine model, or a pipeline that is a chat endpoint: then the run's
+        id is in the `x-compound-run-id` header and the body's `compound.run_id`."""
+        if not engine.serves(data.model):
+            endpoint = await asyncio.to_thread(pipelines.chat_endpoint, data.model)
+            if endpoint is not None:
+                return await _pipeline_chat(request, pipelines, endpoint, data)
         job = chat_job(engine, data, limits)
         if data.stream:
             deltas = await primed(run_job(engine, job, limits.request_timeout_s))
@@ -110,5 +126,20 @@ class OpenAIController(Controller):
         return Response(chat_response(job, outputs))
 
 
-def _event_stream(events: Any) -> Stream:
-    return Stream(events, media_type=EVENT_STREAM, headers=STREAM_HEADERS)
+def _event_stream(events: Any, headers: dict[str, str] | None = None) -> Stream:
+    return Stream(events, media_type=EVENT_STREAM, headers=STREAM_HEADERS | (headers or {}))
+
+
+async def _pipeline_chat(
+    request: Request[Any, Any, Any],
+    pipelines: PipelineService,
+    endpoint: Any,
+    data: ChatCompletionRequest,
+) -> Response[Any]:
+    """Run the pipeline on the conversation; the run goes on if the client leaves."""
+    chat = await start_chat_run(pipelines, endpoint, data, actor=actor_of(request))
+    headers = {RUN_HEADER: chat.run_id}
+    if data.stream:
+        return _event_stream(chat_stream(chat), headers)
+    body = await until_disconnected(request, chat_answer(chat))
+    return Response(body, headers=headers)

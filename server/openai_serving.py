@@ -57,7 +57,7 @@ def chat_job(engine: Engine, req: ChatCompletionRequest, limits: LimitsConfig) -
     _check_chat_fields(req)
     tokenizer = engine.tokenizer(req.model)
     text = tokenizer.apply_chat_template(
-        [_template_message(m) for m in req.messages], add_generation_prompt=True
+        [template_message(m) for m in req.messages], add_generation_prompt=True
     )
     # The template writes BOS itself when the model wants one.
     prompt = tokenizer.encode(text, add_special_tokens=False)
@@ -115,7 +115,8 @@ def _reject(unsupported: bool, param: str) -> None:
         raise InvalidRequestError(f"{param} is not supported by this server", param=param)
 
 
-def _template_message(message: ChatMessage) -> dict[str, Any]:
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    """A request message as chat templates see it (text content; `developer` -> `system`)."""
     content = message.content
     if isinstance(content, list):
         content = "\n".join(part.text for part in content)

@@ -86,6 +86,14 @@ class ResponseFormat(Struct, kw_only=True):
     type: str = "text"
 
 
+class CompoundChatOptions(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Extension of a chat request to a pipeline (`extra_body={"compound": {...}}`)."""
+
+    # with `stream`, also send the run's step events as `event: compound.<type>` SSE
+    # (for SSE-aware clients: the stock `openai` client reads every event as a chunk)
+    events: bool = False
+
+
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     """`POST /v1/chat/completions`."""
 
@@ -96,6 +104,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
+    compound: CompoundChatOptions | None = None  # extension: pipelines as chat models
 
 
 class Usage(Struct, kw_only=True):

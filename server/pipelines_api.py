@@ -88,7 +88,7 @@ class PipelineController(Controller):
         body = await request.body()
         commit = CommitRequest(author=author, message=message) if author else None
         record, created = await asyncio.to_thread(
-            pipelines.register, body, fmt, actor=_actor(request), commit=commit
+            pipelines.register, body, fmt, actor=actor_of(request), commit=commit
         )
         answer = PipelineCreated(
             name=record.name,
@@ -150,7 +150,7 @@ class PipelineController(Controller):
             _with_ref(name, data.ref, data.version),
             data.version,
             data.inputs,
-            actor=_actor(request),
+            actor=actor_of(request),
             subscribe=data.stream,
         )
         return await _answer(active, wait=data.wait)
@@ -198,7 +198,7 @@ class RunController(Controller):
     ) -> Response[Any]:
         """Run a recorded run again: the exact spec it ran (checked by its content hash, even
         after the branch moved on) with the same inputs; the new run names the old one."""
-        active = await pipelines.rerun(run_id, actor=_actor(request), subscribe=data.stream)
+        active = await pipelines.rerun(run_id, actor=actor_of(request), subscribe=data.stream)
         return await _answer(active, wait=data.wait)
 
     @post("/{run_id:str}/cancel", status_code=HTTP_202_ACCEPTED)
@@ -209,7 +209,7 @@ class RunController(Controller):
         if not pipelines.runs.cancel(run_id):
             raise RunNotFoundError(run_id)
         await asyncio.to_thread(
-            pipelines.store.audit, _actor(request), "run.cancel", f"run:{run_id}", {}
+            pipelines.store.audit, actor_of(request), "run.cancel", f"run:{run_id}", {}
         )
         return RunAccepted(run_id=run_id, status="cancelling")
 
@@ -287,7 +287,7 @@ def _spec_format(media_type: str) -> str | None:
     raise UnsupportedMediaTypeError(media_type)
 
 
-def _actor(request: Request[Any, Any, Any]) -> str:
+def actor_of(request: Request[Any, Any, Any]) -> str:
     """Who made the request, for the audit log (the client address until there is auth)."""
     return f"http:{request.client.host}" if request.client else "http:unknown"
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from engine.errors import InvalidRequestError
 from executor.backends import Backends, OpenAIBackend
 from executor.cache import ResultCache
 from planner import (
@@ -225,6 +226,22 @@ class PipelineService:
     def plan_ref(self, ref: str) -> PhysicalPlan:
         """The plan of `name` or `name@<ref>` (see `resolve`), e.g. for `pipeline` steps."""
         return self.plan(self.resolve(ref).record)
+
+    def chat_endpoint(self, ref: str) -> tuple[PipelineRecord, PhysicalPlan] | None:
+        """The pipeline a chat request's `model` names (resolved like `pipeline` steps, by
+        `Store.resolve`), planned; None when no pipeline has that name. A pipeline whose spec
+        has no `chat` section is not a chat model: `InvalidRequestError`."""
+        try:
+            record = self.store.resolve(ref)
+        except PipelineNotFoundError:
+            return None
+        plan = self.plan(record)
+        if plan.spec.chat is None:
+            raise InvalidRequestError(
+                f"pipeline {ref!r} is not a chat endpoint (its spec has no `chat` section)",
+                param="model",
+            )
+        return record, plan
 
     def explain(self, name: str, version: int | None, fmt: ExplainFormat) -> ExplainResponse:
         """EXPLAIN a version (`name` may be `name@ref`): the plan with estimates and the

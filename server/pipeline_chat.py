@@ -1,0 +1,205 @@
+"""Pipelines as chat models: `POST /v1/chat/completions` with `"model": "<pipeline>"`.
+
+A pipeline whose spec has a `chat` section is a chat endpoint: the conversation goes into its
+`chat.input` (a list of `{role, content}`), and its `chat.output` is the assistant's answer.
+The run is an ordinary stored run: its id comes back in the `x-compound-run-id` header and in
+the body's `compound.run_id` extension, and `GET /v1/runs/{id}` shows every step, including
+the dynamic tasks of a `plan` step. With `stream: true` the answer streams as standard
+`chat.completion.chunk` events; a request with `"compound": {"events": true}` also gets the
+run's step events, as `event: compound.<type>` SSE, before the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from engine.errors import InvalidRequestError
+from executor import events
+from executor.events import Event, encode_event
+from planner.physical import PhysicalPlan
+from planner.plan_format import result_text
+from server.errors import RunFailedError, error_response
+from server.openai_serving import DONE_EVENT, template_message
+from server.openai_types import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    Usage,
+)
+from server.runs import ActiveRun
+from server.service import PipelineService
+from server.store import PipelineRecord
+
+RUN_HEADER = "x-compound-run-id"
+
+
+class ChatRun(msgspec.Struct, frozen=True, kw_only=True):
+    """One chat completion answered by a pipeline run."""
+
+    id: str
+    created: int
+    model: str
+    output: str  # the `chat.output` name
+    active: ActiveRun
+    include_usage: bool
+    events: bool
+
+    @property
+    def run_id(self) -> str:
+        """The stored run's id."""
+        return self.active.run_id
+
+    def extension(self) -> dict[str, Any]:
+        """The `compound` field of responses: where to find the run."""
+        return {"run_id": self.run_id}
+
+
+async def start_chat_run(
+    service: PipelineService,
+    endpoint: tuple[PipelineRecord, PhysicalPlan],
+    req: ChatCompletionRequest,
+    *,
+    actor: str,
+) -> ChatRun:
+    """Check what a pipeline can answer, and start its run on the conversation."""
+    _check_fields(req)
+    record, plan = endpoint
+    chat = plan.spec.chat
+    conversation = [_message(m) for m in req.messages]
+    want_events = req.compound is not None and req.compound.events
+    active = await service.runs.start(
+        record, plan, {chat.input: conversation}, actor=actor, subscribe=req.stream
+    )
+    return ChatRun(
+        id=f"chatcmpl-{active.run_id}",
+        created=int(time.time()),
+        model=req.model,
+        output=chat.output,
+        active=active,
+        include_usage=req.stream_options is not None and req.stream_options.include_usage,
+        events=want_events,
+    )
+
+
+def _check_fields(req: ChatCompletionRequest) -> None:
+    """The pipeline decides sampling; reject what a pipeline answer cannot honour."""
+    unsupported = {
+        "n": req.n != 1,
+        "tools": bool(req.tools),
+        "logprobs": req.logprobs,
+        "response_format": req.response_format is not None and req.response_format.type != "text",
+    }
+    for param, bad in unsupported.items():
+        if bad:
+            raise InvalidRequestError(f"{param} is not supported by pipeline models", param=param)
+    if req.compound is not None and req.compound.events and not req.stream:
+        raise InvalidRequestError("compound.events needs stream: true", param="compound.events")
+
+
+def _message(message: Any) -> dict[str, Any]:
+    """A conversation message as the pipeline's input sees it: role and text content."""
+    out = template_message(message)
+    return {"role": out["role"], "content": out["content"]}
+
+
+# -- whole responses ---------------------------------------------------------------------------
+
+
+async def chat_answer(chat: ChatRun) -> dict[str, Any]:
+    """Wait for the run; the chat completion body (`RunFailedError` if the run failed)."""
+    record = await chat.active.wait()
+    if record.status != "succeeded":
+        raise RunFailedError(record.id, record.error or record.status)
+    answer = _text((record.outputs or {}).get(chat.output))
+    body = ChatCompletionResponse(
+        id=chat.id,
+        created=chat.created,
+        model=chat.model,
+        choices=[
+            ChatChoice(index=0, message=AssistantMessage(content=answer), finish_reason="stop")
+        ],
+        usage=_usage(record.total_tokens),
+    )
+    return msgspec.to_builtins(body) | {"compound": chat.extension()}
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else result_text(value)
+
+
+def _usage(tokens: int) -> Usage:
+    # A run counts every model call's tokens together; it does not split prompt from completion.
+    return Usage(prompt_tokens=0, completion_tokens=tokens, total_tokens=tokens)
+
+
+# -- streams -----------------------------------------------------------------------------------
+
+
+async def chat_stream(chat: ChatRun) -> AsyncIterator[bytes]:
+    """SSE: the role chunk, step events if asked, the answer and finish chunks, `[DONE]`."""
+    yield _chunk(chat, ChatDelta(role="assistant", content=""), extension=True)
+    stream = chat.active.events
+    try:
+        async for event in stream or _nothing():
+            if chat.events:
+                yield _step_event(event)
+            async for piece in _ending(chat, event):
+                yield piece
+    except Exception as e:
+        yield b"data: " + msgspec.json.encode(error_response(e)[1]) + b"\n\n"
+    yield DONE_EVENT
+
+
+async def _ending(chat: ChatRun, event: Event) -> AsyncIterator[bytes]:
+    """The chunks that end the answer, when `event` ends the run."""
+    if isinstance(event, events.RunFinished):
+        answer = _text(event.outputs.get(chat.output))
+        if answer:
+            yield _chunk(chat, ChatDelta(content=answer))
+        yield _chunk(chat, ChatDelta(), finish_reason="stop")
+        if chat.include_usage:
+            usage = ChatCompletionChunk(
+                id=chat.id,
+                created=chat.created,
+                model=chat.model,
+                choices=[],
+                usage=_usage(event.tokens),
+            )
+            yield _data(msgspec.to_builtins(usage))
+    elif isinstance(event, events.RunFailed | events.RunCancelled):
+        error = event.error if isinstance(event, events.RunFailed) else "cancelled"
+        raise RunFailedError(chat.run_id, error)
+
+
+async def _nothing() -> AsyncIterator[Event]:
+    return
+    yield
+
+
+def _chunk(
+    chat: ChatRun, delta: ChatDelta, *, finish_reason: Any = None, extension: bool = False
+) -> bytes:
+    choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+    body = msgspec.to_builtins(
+        ChatCompletionChunk(id=chat.id, created=chat.created, model=chat.model, choices=[choice])
+    )
+    if extension:
+        body["compound"] = chat.extension()
+    return _data(body)
+
+
+def _data(body: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+def _step_event(event: Event) -> bytes:
+    tag = event.__struct_config__.tag
+    return b"event: compound." + str(tag).encode() + b"\ndata: " + encode_event(event) + b"\n\n"
