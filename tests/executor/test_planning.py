@@ -1,0 +1,207 @@
+"""The `plan` operator: tasks start while the plan streams, run in parallel, feed the joiner;
+bad plans, undeclared tools and failed tasks are recorded and replanned, never run blindly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from executor import events
+from executor.backends import ModelCall, ModelResult
+from executor.run import execute
+from tests.executor.conftest import Events, Recorder, backends_of, compile_dict
+from tools.registry import ToolRegistry
+
+PLANNER, JOINER = "planner-model", "joiner-model"
+
+
+class StreamingModel:
+    """Planner and joiner in one backend: answers are streamed in small pieces over time.
+
+    `plans` are the planner's answers, one per planner call (the last one repeats);
+    `join` makes the joiner's answer from its prompt.
+    """
+
+    def __init__(
+        self, plans: list[str], join: Callable[[str], str], *, piece_s: float = 0.01
+    ) -> None:
+        self.plans, self.join, self.piece_s = plans, join, piece_s
+        self.calls: list[ModelCall] = []
+        self.stream_ended: list[float] = []
+
+    def serves(self, target: str) -> bool:
+        """Both test models."""
+        return target in (PLANNER, JOINER)
+
+    async def generate(self, call: ModelCall, on_delta: Any = None) -> ModelResult:
+        """Stream the scripted answer four characters at a time."""
+        self.calls.append(call)
+        prompt = call.prompt or " ".join(m["content"] for m in call.messages or [])
+        if call.target == PLANNER:
+            planner_calls = sum(c.target == PLANNER for c in self.calls)
+            text = self.plans[min(planner_calls, len(self.plans)) - 1]
+            if "\n" in call.stop:  # sequential mode: the next line only
+                done = prompt.count("\n", prompt.index("PLAN:")) - 1
+                text = text.split("\n")[done]
+        else:
+            text = self.join(prompt)
+        for i in range(0, len(text), 4):
+            await asyncio.sleep(self.piece_s)
+            if on_delta is not None:
+                on_delta(text[i : i + 4])
+        if call.target == PLANNER:
+            self.stream_ended.append(time.perf_counter())
+        return ModelResult(
+            text=text, prompt_tokens=len(prompt.split()), completion_tokens=len(text.split()),
+            finish_reason="stop",
+        )  # fmt: skip
+
+
+def spec(mode: str = "parallel", **plan: Any) -> dict[str, Any]:
+    """A pipeline with one plan step over the test tools `sleep` and `echo`."""
+    planner = (
+        {"prompt": "Q: {{ inputs.q }} round {{ plan.round }} seen {{ plan.rounds | length }}"
+         " PLAN:\n{{ plan.text }}"}
+    )  # fmt: skip
+    joiner = (
+        "{% for t in plan.tasks %}{{ t.index }}={{ t.output_text }};{% endfor %}"
+        "{% for r in plan.rounds %}[{{ r.error }}]{% endfor %}"
+    )
+    return {
+        "name": "planned",
+        "inputs": {"q": {"type": "string"}},
+        "models": {"p": PLANNER, "j": JOINER},
+        "tools": ["sleep", "echo"],
+        "steps": {
+            "answer": {
+                "plan": {
+                    "planner": {"model": "p", **planner},
+                    "joiner": {"model": "j", "prompt": joiner},
+                    "mode": mode,
+                    **plan,
+                }
+            }
+        },
+        "outputs": {"answer": "{{ steps.answer.output }}"},
+    }
+
+
+async def run(
+    model: StreamingModel, tools: ToolRegistry, mode: str = "parallel", **plan: Any
+) -> tuple[Any, Events]:
+    compiled = compile_dict(spec(mode, **plan), tools=tools, models={PLANNER, JOINER})
+    found = Events()
+    result = await execute(
+        compiled, {"q": "x"}, backends=backends_of(model), tools=tools, emit=found.append
+    )
+    return result, found
+
+
+WIDE = (
+    '1. sleep(ms=400, label="a", value=2)\n'
+    '2. sleep(ms=400, label="b", value=3)\n'
+    '3. sleep(ms=400, label="c", value=4)\n'
+    '4. echo(value="$1+$2+$3")\n'
+    "5. join()"
+)
+
+
+def finished(found: Events) -> list[str]:
+    return [e.step for e in found if isinstance(e, events.StepFinished)]
+
+
+async def test_tasks_start_while_the_plan_streams_and_run_in_parallel(
+    tools: ToolRegistry, recorder: Recorder
+) -> None:
+    model = StreamingModel([WIDE], join=lambda prompt: "answer " + prompt)
+    started = time.perf_counter()
+    result, found = await run(model, tools)
+    elapsed = time.perf_counter() - started
+    assert result.status == "succeeded", result.error
+    # the three independent lookups overlapped, and the first began before the plan ended
+    assert recorder.peak["tool:sleep"] == 3
+    first_tool = next(
+        e for e in found if isinstance(e, events.StepStarted) and e.step == "answer.1.1"
+    )
+    assert found.index(first_tool) < found.index(
+        next(e for e in found if getattr(e, "step", "") == "answer.1.planner" and isinstance(e, events.StepFinished))
+    )  # fmt: skip
+    assert elapsed < 1.2  # the stream (~0.45 s) then three 0.4 s tools in a row: 1.65 s
+    # $K references substituted; the joiner saw every output
+    assert result.outputs["answer"] == "answer 1=2;2=3;3=4;4=2+3+4;"
+    assert {"answer.1.1", "answer.1.4", "answer.1.planner", "answer.1.joiner"} <= set(
+        finished(found)
+    )
+
+
+async def test_sequential_mode_asks_one_line_per_planner_call(
+    tools: ToolRegistry, recorder: Recorder
+) -> None:
+    model = StreamingModel([WIDE], join=lambda prompt: prompt)
+    result, found = await run(model, tools, mode="sequential")
+    assert result.status == "succeeded", result.error
+    assert recorder.peak["tool:sleep"] == 1
+    planner_calls = [c for c in model.calls if c.target == PLANNER]
+    assert len(planner_calls) == 5  # four tasks and join()
+    assert planner_calls[-1].prompt.endswith('4. echo(value="$1+$2+$3")\n')
+    assert result.outputs["answer"] == "1=2;2=3;3=4;4=2+3+4;"
+
+
+async def test_an_undeclared_tool_is_never_called_and_the_planner_tries_again(
+    tools: ToolRegistry, recorder: Recorder
+) -> None:
+    bad = '1. flaky(key="k", failures=0)\n2. join()'
+    good = '1. echo(value="ok")\n2. join()'
+    model = StreamingModel([bad, good], join=lambda prompt: prompt)
+    result, found = await run(model, tools)
+    assert result.status == "succeeded", result.error
+    assert recorder.calls["k"] == 0
+    assert "tool 'flaky' is not declared" in result.outputs["answer"]
+    second = [c for c in model.calls if c.target == PLANNER][1]
+    assert "round 2 seen 1" in second.prompt
+    failed = [e for e in found if isinstance(e, events.StepFailed)]
+    assert [e.step for e in failed] == ["answer.1.plan"]
+
+
+async def test_bad_plans_fail_the_step_after_max_rounds(tools: ToolRegistry) -> None:
+    cases = {
+        "not a plan": "plan line 1",
+        '1. echo(value="a")\n2. echo(value=$3)\n3. join()': "does not refer to an earlier line",
+        '1. echo(value="a")': "does not end with join()",
+        '1. echo(value="a")\n2. echo(value="b")\n3. join()': "more than 1 tasks",
+    }
+    for plan, message in cases.items():
+        model = StreamingModel([plan], join=lambda prompt: "never", piece_s=0)
+        result, _ = await run(model, tools, max_rounds=2, max_tasks=1)
+        assert result.status == "failed"
+        assert "no answer in 2 round(s)" in result.error and message in result.error, result.error
+        assert sum(c.target == PLANNER for c in model.calls) == 2
+        assert not any(c.target == JOINER for c in model.calls)
+
+
+async def test_a_failed_task_and_a_replan_answer_start_another_round(
+    tools: ToolRegistry, recorder: Recorder
+) -> None:
+    failing = '1. sleep(ms="slow")\n2. echo(value=$1)\n3. join()'
+    good = '1. echo(value="fine")\n2. join()'
+    answers = iter(["Replan: not enough", "fine"])
+    model = StreamingModel([failing, good, good], join=lambda prompt: next(answers))
+    result, found = await run(model, tools, max_rounds=3)
+    assert result.status == "succeeded", result.error
+    assert result.outputs["answer"] == "fine"
+    # round 1: the registry refused the argument, line 2 never ran; round 2: the joiner
+    # asked to replan; round 3 answered
+    failed = {e.step: e.error for e in found if isinstance(e, events.StepFailed)}
+    assert "answer.1.1" in failed and "answer.1.2" in failed
+    assert "line 1 it references failed" in failed["answer.1.2"]
+    assert sum(c.target == PLANNER for c in model.calls) == 3
+
+
+async def test_replans_sample_at_the_replan_temperature(tools: ToolRegistry) -> None:
+    model = StreamingModel(["nonsense", "1. echo(value=1)\n2. join()"], join=lambda p: "ok")
+    result, _ = await run(model, tools, replan_temperature=0.7)
+    assert result.status == "succeeded", result.error
+    temperatures = [c.temperature for c in model.calls if c.target == PLANNER]
+    assert temperatures == [0.0, 0.7]
