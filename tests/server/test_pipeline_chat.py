@@ -1,0 +1,109 @@
+"""Pipelines as chat models: one `/v1/chat/completions` call runs a chat-endpoint pipeline."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import openai
+from litestar.testing import TestClient
+
+from tests.server.conftest import MODEL
+
+YAML = {"Content-Type": "application/yaml"}
+CHAT_SPEC = """
+name: {name}
+chat: {{input: messages, output: answer}}
+inputs:
+  messages: {{type: array, items: {{type: object}}}}
+models: {{writer: {model}}}
+tools: [calc]
+steps:
+  size:
+    tool: calc
+    args: {{expression: "{{{{ inputs.messages | length }}}} * 10"}}
+  reply:
+    generate: {{model: writer, prompt: "{{{{ inputs.messages[-1].content }}}}", max_tokens: 4}}
+outputs:
+  answer: "{{{{ steps.size.output }}}} {{{{ steps.reply.output | length > -1 }}}}"
+"""
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def register(client: TestClient, *, chat: bool = True) -> str:
+    name = f"chat-{uuid.uuid4().hex[:8]}"
+    text = CHAT_SPEC.format(name=name, model=MODEL)
+    if not chat:
+        text = text.replace("chat: {input: messages, output: answer}\n", "")
+    response = client.post("/v1/pipelines", content=text, headers=YAML)
+    assert response.status_code == 201, response.text
+    return name
+
+
+def test_a_chat_pipeline_answers_a_chat_completion(client: TestClient) -> None:
+    name = register(client)
+    response = client.post("/v1/chat/completions", json={"model": name, "messages": MESSAGES})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    run_id = response.headers["x-compound-run-id"]
+    assert body["compound"]["run_id"] == run_id and body["id"] == f"chatcmpl-{run_id}"
+    assert body["object"] == "chat.completion" and body["model"] == name
+    message = body["choices"][0]["message"]
+    assert (message["role"], message["content"]) == ("assistant", "20 True")
+    assert body["usage"]["total_tokens"] > 0
+    run = client.get(f"/v1/runs/{run_id}").json()
+    assert run["status"] == "succeeded" and run["inputs"]["messages"] == MESSAGES
+    assert {s["step"] for s in run["steps"]} == {"size", "reply"}
+    # the version suffix resolves through the same lookup as `pipeline` steps
+    again = client.post("/v1/chat/completions", json={"model": f"{name}@1", "messages": MESSAGES})
+    assert again.json()["choices"][0]["message"]["content"] == "20 True"
+
+
+def test_streamed_answer_and_step_events(client: TestClient) -> None:
+    name = register(client)
+    body = {"model": name, "messages": MESSAGES, "stream": True, "compound": {"events": True}}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    run_id = response.headers["x-compound-run-id"]
+    blocks = [b for b in response.text.split("\n\n") if b]
+    assert blocks[-1] == "data: [DONE]"
+    events = [b.split("\n")[0].removeprefix("event: ") for b in blocks if b.startswith("event:")]
+    assert events[0] == "compound.run_started" and events[-1] == "compound.run_finished"
+    assert "compound.step_finished" in events
+    chunks = [json.loads(b[6:]) for b in blocks[:-1] if b.startswith("data: ")]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["compound"]["run_id"] == run_id
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "20 True"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_bad_requests_to_pipelines(client: TestClient) -> None:
+    plain = register(client, chat=False)
+    refused = client.post("/v1/chat/completions", json={"model": plain, "messages": MESSAGES})
+    assert (
+        refused.status_code == 400 and "not a chat endpoint" in refused.json()["error"]["message"]
+    )
+    name = register(client)
+    two = client.post("/v1/chat/completions", json={"model": name, "messages": MESSAGES, "n": 2})
+    assert two.status_code == 400 and two.json()["error"]["param"] == "n"
+    unknown = client.post("/v1/chat/completions", json={"model": "no-such", "messages": MESSAGES})
+    assert unknown.status_code == 404
+
+
+def test_the_stock_openai_client_talks_to_a_pipeline(server_url: str) -> None:
+    name = f"chat-{uuid.uuid4().hex[:8]}"
+    spec = CHAT_SPEC.format(name=name, model=MODEL)
+    created = httpx.post(f"{server_url}/v1/pipelines", content=spec, headers=YAML, timeout=30)
+    assert created.status_code == 201, created.text
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0, timeout=30)
+    whole = client.chat.completions.with_raw_response.create(model=name, messages=MESSAGES)
+    assert whole.headers["x-compound-run-id"]
+    assert whole.parse().choices[0].message.content == "20 True"
+    stream = client.chat.completions.create(
+        model=name, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "20 True"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
