@@ -36,8 +36,16 @@ def build_catalog(
 
 
 def config_models(config: ServerConfig) -> set[str]:
-    """Model targets named by the configuration (no weights loaded): engine models, providers."""
-    return {m.name for m in config.models} | provider_targets(config.providers)
+    """Model targets named by the configuration (no weights loaded): engine models, the
+    adapters in their `adapter_dir` (`demo-base:planner`), providers."""
+    adapters = {
+        f"{m.name}:{folder.name}"
+        for m in config.models
+        if m.adapter_dir and Path(m.adapter_dir).is_dir()
+        for folder in Path(m.adapter_dir).iterdir()
+        if (folder / "adapter_config.json").is_file()
+    }
+    return {m.name for m in config.models} | adapters | provider_targets(config.providers)
 
 
 def spec_format(path: Path) -> str | None:

@@ -140,7 +140,7 @@ async def test_sequential_mode_asks_one_line_per_planner_call(
     tools: ToolRegistry, recorder: Recorder
 ) -> None:
     model = StreamingModel([WIDE], join=lambda prompt: prompt)
-    result, found = await run(model, tools, mode="sequential")
+    result, _ = await run(model, tools, mode="sequential")
     assert result.status == "succeeded", result.error
     assert recorder.peak["tool:sleep"] == 1
     planner_calls = [c for c in model.calls if c.target == PLANNER]

@@ -12,6 +12,7 @@ from tests.engine.tiny_models import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
+ADAPTERS = REPO / "models" / "adapters"  # named by f1's models; validate reads only the names
 # The specs name "demo-base"; a tiny random checkpoint stands in for it (gibberish text, real
 # machinery), so the tests need no trained model.
 DEMO_MODEL = "demo-base"
@@ -39,7 +40,7 @@ def config_file(tmp_path: Path, demo_checkpoint: Path) -> Path:
     file = tmp_path / "compound.yaml"
     file.write_text(
         "engine: {device: cpu, memory_budget_bytes: 1073741824}\n"
-        f"models:\n  - {{name: {DEMO_MODEL}, path: {demo_checkpoint}}}\n"
+        f"models:\n  - {{name: {DEMO_MODEL}, path: {demo_checkpoint}, adapter_dir: {ADAPTERS}}}\n"
         f"pipelines_dir: {PIPELINES}\n"
         f"database_url: sqlite:///{tmp_path / 'compound.db'}\n"
     )
