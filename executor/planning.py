@@ -19,6 +19,7 @@ trace shows the dynamic DAG.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from executor.backends import ModelCall, ModelResult
 from executor.context import RunContext
 from executor.errors import ExecutorError, OperatorError
 from executor.operators import Env, StepRun, model_call
+from planner.expressions import render
 from planner.plan_format import (
     JOIN,
     PlanStep,
@@ -131,6 +133,8 @@ class _Rounds:
         self.ctx, self.env, self.run_, self.scope = ctx, env, run, scope
         self.spec: PlanSpec = run.step.plan
         self.tools = frozenset(env.declared_tools)
+        grounding = self.spec.grounding
+        self.grounding = render(grounding, scope) if grounding is not None else ""
 
     async def run(self, current: Round, history: list[dict[str, Any]]) -> Round:
         """One round; its errors are recorded on it (and on the run's events), never raised."""
@@ -156,7 +160,15 @@ class _Rounds:
         """One planner call; each completed line is parsed and dispatched while it streams."""
         feed = _LineFeed(lambda line: self._accept(current, line))
         call = self._planner_call(current, history)
-        result = await self._model(call, f"{current.number}.planner", on_delta=feed.push)
+        writing = asyncio.ensure_future(
+            self._model(call, f"{current.number}.planner", on_delta=feed.push)
+        )
+        feed.on_error = writing.cancel  # a rejected plan is not worth finishing
+        try:
+            result = await writing
+        except asyncio.CancelledError:
+            if feed.error is None or _cancelling():
+                raise
         feed.close()
         if feed.error is not None:
             raise feed.error
@@ -203,16 +215,26 @@ class _Rounds:
             current.joined = True
             current.lines.append(f"{n}. {JOIN}()")
             return None
-        if step.tool not in self.tools:
-            declared = ", ".join(sorted(self.tools))
-            self._reject(current, f"plan line {n}: tool {step.tool!r} is not declared ({declared})")
-        if n > self.spec.max_tasks:
-            self._reject(current, f"the plan has more than {self.spec.max_tasks} tasks")
+        self._admit(current, step)
         task = Task(step)
         current.tasks[n] = task
         current.lines.append(line.strip())
         task.future = asyncio.create_task(self._tool(current, task), name=f"{self.run_.name}:{n}")
         return task
+
+    def _admit(self, current: Round, step: PlanStep) -> None:
+        """The policy a line must pass before it runs: a declared tool, the task limit,
+        grounded arguments. (The registry checks the arguments against the tool's schema.)"""
+        n = step.index
+        if step.tool not in self.tools:
+            declared = ", ".join(sorted(self.tools))
+            self._reject(current, f"plan line {n}: tool {step.tool!r} is not declared ({declared})")
+        if n > self.spec.max_tasks:
+            self._reject(current, f"the plan has more than {self.spec.max_tasks} tasks")
+        for name in self.spec.grounded_args:
+            value = step.args.get(name)
+            if isinstance(value, str) and not _occurs(value, self.grounding):
+                self._reject(current, f"plan line {n}: {name} {value!r} is not in the question")
 
     def _reject(self, current: Round, message: str) -> NoReturn:
         self._event_failed(f"{current.number}.plan", message)
@@ -303,6 +325,9 @@ class _Rounds:
         except Exception as e:
             self._event_failed(sub, f"{type(e).__name__}: {e}")
             raise
+        except asyncio.CancelledError:
+            self._event_failed(sub, "stopped: the plan was rejected or the run ended")
+            raise
         tokens = result.prompt_tokens + result.completion_tokens
         self._event_finished(sub, result.text, started, tokens=tokens, model=call.target)
         budget = run.step.budget.max_tokens if run.step.budget else None
@@ -351,6 +376,7 @@ class _LineFeed:
         self.on_line = on_line
         self.buffer = ""
         self.error: PlanRejected | None = None
+        self.on_error: Callable[[], Any] = lambda: None
 
     def push(self, text: str) -> None:
         """More streamed text."""
@@ -374,6 +400,7 @@ class _LineFeed:
             self.on_line(line)
         except PlanRejected as e:
             self.error = e
+            self.on_error()
 
 
 def _plan_grammar(tools: list[str]) -> str:
@@ -388,6 +415,17 @@ def _plan_grammar(tools: list[str]) -> str:
 def _printable(args: dict[str, Any]) -> dict[str, Any]:
     """Arguments as written: a bare `$K` reads as that text."""
     return {k: (f"${v.index}" if isinstance(v, Ref) else v) for k, v in args.items()}
+
+
+def _cancelling() -> bool:
+    """Whether someone is cancelling the current task (not just the call it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _occurs(value: str, text: str) -> bool:
+    """Whether `value` occurs in `text` as whole words (`Mou` is not in `Mounnais`)."""
+    return bool(value.strip()) and re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
 
 
 def _tail(text: str) -> str:

@@ -44,6 +44,8 @@ def _kind_sources(base: str, step: Step) -> Iterator[Source]:
     if step.plan is not None:
         yield from _generate_sources(f"{base}/plan/planner", step.plan.planner)
         yield from _generate_sources(f"{base}/plan/joiner", step.plan.joiner)
+        if step.plan.grounding is not None:
+            yield Source(f"{base}/plan/grounding", step.plan.grounding, False)
     if step.filter is not None:
         yield Source(f"{base}/filter/items", step.filter.items, True)
         yield Source(f"{base}/filter/where", step.filter.where, True)

@@ -409,6 +409,8 @@ def _check_step(base: str, step: Step) -> Iterator[SpecError]:
     calls = [("generate", step.generate)]
     if step.plan is not None:
         calls += [("plan/planner", step.plan.planner), ("plan/joiner", step.plan.joiner)]
+        if step.plan.grounded_args and step.plan.grounding is None:
+            yield SpecError(f"{base}/plan/grounded_args", "`grounded_args` needs `grounding`")
     for where, gen in calls:
         if gen is not None and (gen.prompt is None) == (gen.messages is None):
             yield SpecError(f"{base}/{where}", "give exactly one of `prompt` and `messages`")

@@ -114,6 +114,11 @@ class PlanSpec(Struct, **_STRUCT):
     max_tasks: Annotated[int, Meta(ge=1, le=32)] = 16
     replan_marker: Annotated[str, Meta(min_length=1, max_length=64)] = "Replan"
     replan_temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    # Grounding: a plan line whose string argument named in `grounded_args` (e.g. `entity`)
+    # does not occur as a whole word in the rendered `grounding` (e.g. the user's question)
+    # is rejected before it runs: a model that invents a name gets another round instead.
+    grounding: Template | None = None
+    grounded_args: Annotated[list[Identifier], Meta(max_length=16)] = []
 
 
 class Budget(Struct, **_STRUCT):

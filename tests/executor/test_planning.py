@@ -161,8 +161,10 @@ async def test_an_undeclared_tool_is_never_called_and_the_planner_tries_again(
     assert "tool 'flaky' is not declared" in result.outputs["answer"]
     second = [c for c in model.calls if c.target == PLANNER][1]
     assert "round 2 seen 1" in second.prompt
+    # the rejected plan is recorded, and the planner is stopped rather than left writing
     failed = [e for e in found if isinstance(e, events.StepFailed)]
-    assert [e.step for e in failed] == ["answer.1.plan"]
+    assert [e.step for e in failed] == ["answer.1.plan", "answer.1.planner"]
+    assert "stopped" in failed[1].error
 
 
 async def test_bad_plans_fail_the_step_after_max_rounds(tools: ToolRegistry) -> None:
@@ -205,3 +207,20 @@ async def test_replans_sample_at_the_replan_temperature(tools: ToolRegistry) -> 
     assert result.status == "succeeded", result.error
     temperatures = [c.temperature for c in model.calls if c.target == PLANNER]
     assert temperatures == [0.0, 0.7]
+
+
+async def test_ungrounded_arguments_are_rejected_before_they_run(
+    tools: ToolRegistry, recorder: Recorder
+) -> None:
+    invented = '1. echo(value="ok")\n2. sleep(ms=1, label="Zar")\n3. join()'
+    grounded = '1. sleep(ms=1, label="Zarnoth")\n2. join()'
+    model = StreamingModel([invented, grounded], join=lambda prompt: prompt)
+    result, found = await run(
+        model, tools, grounding="is Zarnoth big? {{ inputs.q }}", grounded_args=["label"]
+    )
+    assert result.status == "succeeded", result.error
+    assert recorder.started == ["Zarnoth"]  # "Zar" is only part of a word of the question
+    (rejected,) = [
+        e for e in found if isinstance(e, events.StepFailed) and e.step == "answer.1.plan"
+    ]
+    assert rejected.error == "plan line 2: label 'Zar' is not in the question"
