@@ -197,8 +197,15 @@ class _Rounds:
         if current.number > 1 and self.spec.replan_temperature is not None:
             call = replace(call, temperature=self.spec.replan_temperature)
         if self.spec.constrain:
-            call = replace(call, grammar=_plan_grammar(sorted(self.tools)))
+            call = replace(call, grammar=_plan_grammar(sorted(self.tools), self._names()))
         return call
+
+    def _names(self) -> list[str]:
+        """Names a constrained plan may write in grounded arguments: the grounding's words
+        (none when the step grounds nothing: then names are free)."""
+        if not self.spec.grounded_args:
+            return []
+        return sorted(set(re.findall(r"\w+", self.grounding)))
 
     def _accept(self, current: Round, line: str) -> Task | None:
         """Parse line N, check it, and start its tool call (join() ends the plan)."""
@@ -403,13 +410,13 @@ class _LineFeed:
             self.on_error()
 
 
-def _plan_grammar(tools: list[str]) -> str:
-    """The plan grammar over these tools (constrained decoding, `planner.plan_format`)."""
+def _plan_grammar(tools: list[str], names: list[str]) -> str:
+    """The plan grammar over these tools and names (constrained decoding)."""
     from planner import plan_format
 
     if not plan_format.has_grammar():
         raise OperatorError("constrained plan decoding is not available on this server")
-    return plan_format.plan_grammar(tools)
+    return plan_format.plan_grammar(tools, names=names)
 
 
 def _printable(args: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from engine import SamplingParams
 from executor import events
-from executor.backends import ModelCall, ModelResult
+from executor.backends import EngineBackend, ModelCall, ModelResult
+from executor.errors import BackendError
 from executor.run import execute
+from planner import plan_format
 from tests.executor.conftest import Events, Recorder, backends_of, compile_dict
 from tools.registry import ToolRegistry
 
@@ -224,3 +229,34 @@ async def test_ungrounded_arguments_are_rejected_before_they_run(
         e for e in found if isinstance(e, events.StepFailed) and e.step == "answer.1.plan"
     ]
     assert rejected.error == "plan line 2: label 'Zar' is not in the question"
+
+
+async def test_constrained_plans_carry_the_plan_grammar_to_the_backend(
+    tools: ToolRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The grammar itself belongs to planner.plan_format (constrained decoding); here only
+    # that the plan step asks for it with the declared tools and the grounding's words.
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def plan_grammar(tools: list[str], *, names: list[str] = ()) -> str:
+        seen.append((list(tools), list(names)))
+        return "start: PLAN"
+
+    monkeypatch.setattr(plan_format, "plan_grammar", plan_grammar, raising=False)
+    model = StreamingModel(['1. echo(value="a")\n2. join()'], join=lambda p: "ok")
+    result, _ = await run(
+        model, tools, constrain=True, grounding="Zarnoth or Velmora", grounded_args=["value"]
+    )
+    assert result.status == "failed"  # "a" is not in the grounding, and the model ignores it
+    assert [c.grammar for c in model.calls] == ["start: PLAN", "start: PLAN"]
+    assert seen[0] == (["echo", "sleep"], ["Velmora", "Zarnoth", "or"])
+
+
+def test_the_engine_backend_passes_a_grammar_on_or_refuses_it() -> None:
+    backend = EngineBackend(engine=None)  # a prompt call never asks the engine for a tokenizer
+    call = ModelCall(target="m", prompt="x", grammar="start: 'a'")
+    if "grammar" in SamplingParams.__struct_fields__:
+        assert backend._request(call).params.grammar == "start: 'a'"
+    else:
+        with pytest.raises(BackendError, match="grammar"):
+            backend._request(call)

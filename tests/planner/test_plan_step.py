@@ -90,6 +90,9 @@ def test_load_checks_the_plan_fields() -> None:
         load(spec(plan={"max_tasks": 33}))
     with pytest.raises(SpecErrors):
         load(spec(plan={"mode": "eager"}))
+    with pytest.raises(SpecErrors) as caught:
+        load(spec(plan={"grounded_args": ["entity"]}))
+    assert [e.path for e in caught.value.errors] == ["/steps/answer/plan/grounded_args"]
     unsafe = spec(plan={"joiner": {"model": "j", "prompt": "{{ plan.__class__ }}"}})
     with pytest.raises(SpecErrors):
         load(unsafe)
