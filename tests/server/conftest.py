@@ -85,9 +85,11 @@ def engine(tiny_model_dir: Path) -> Iterator[RecordingEngine]:
 
 @pytest.fixture(scope="session")
 def demo_engine(tiny_model_dir: Path) -> Iterator[Engine]:
-    """A CPU engine serving the tiny checkpoint under the demo model's name."""
+    """A CPU engine serving the tiny checkpoint under the demo model's name; the zoo's
+    adapter names are known (so specs naming `demo-base:planner` bind) but never loaded."""
     eng = Engine(memory_budget_bytes=MEMORY_BUDGET, device="cpu")
-    eng.load_model(DEMO_MODEL, tiny_model_dir)
+    zoo_adapters = Path(__file__).resolve().parents[2] / "models" / "adapters"
+    eng.load_model(DEMO_MODEL, tiny_model_dir, adapter_dir=str(zoo_adapters))
     yield eng
     eng.shutdown()
 
