@@ -16,7 +16,9 @@ measures; with 0 the knowledge base answers in microseconds and only model time 
 Figures (one JSON object on stdout):
   accuracy            fraction of answers equal to the gold one (numbers compared as numbers).
   latency_s           mean seconds per question, by branch count and overall; speedup is
-                      baseline / f1 (target >= 1.8 at 3-5 branches).
+                      baseline / f1 (target >= 1.8 at 3-5 branches). A run that fails ends
+                      early (a rejected plan stops the planner), so `answered` repeats the
+                      comparison on the questions both pipelines answered.
   tokens              mean tokens per question (the run's total over every model call).
   failed_runs         runs that ended in an error (counted wrong).
 
@@ -159,25 +161,45 @@ def run(client: openai.OpenAI, items: list[dict[str, Any]]) -> dict[str, list[di
     return results
 
 
-def figures(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Accuracy, latency by branch count, tokens; baseline / f1 ratios."""
-    f1, base = results["f1"], results["react_baseline"]
+def mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean of one figure over rows (0 for none)."""
+    return statistics.mean(r[key] for r in rows) if rows else 0.0
+
+
+def latency(f1: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean seconds of both pipelines on the same questions, by branch count; speedups."""
     by_branch = {}
     for b in sorted({r["branches"] for r in f1}):
-        fs = [r["seconds"] for r in f1 if r["branches"] == b]
-        bs = [r["seconds"] for r in base if r["branches"] == b]
+        fs = [r for r in f1 if r["branches"] == b]
+        bs = [r for r in base if r["branches"] == b]
         by_branch[str(b)] = {
             "n": len(fs),
-            "f1_s": round(statistics.mean(fs), 4),
-            "baseline_s": round(statistics.mean(bs), 4),
-            "speedup": round(statistics.mean(bs) / statistics.mean(fs), 3),
+            "f1_s": round(mean(fs, "seconds"), 4),
+            "baseline_s": round(mean(bs, "seconds"), 4),
+            "speedup": round(mean(bs, "seconds") / max(mean(fs, "seconds"), 1e-9), 3),
         }
     wide = [r for r in f1 if r["branches"] >= 3]
     wide_base = [r for r in base if r["branches"] >= 3]
+    return {
+        "n": len(f1),
+        "f1": round(mean(f1, "seconds"), 4),
+        "baseline": round(mean(base, "seconds"), 4),
+        "speedup": round(mean(base, "seconds") / max(mean(f1, "seconds"), 1e-9), 3),
+        "speedup_3_to_5_branches": round(mean(wide_base, "seconds") / mean(wide, "seconds"), 3)
+        if wide
+        else None,
+        "by_branches": by_branch,
+    }
 
-    def mean(rows: list[dict[str, Any]], key: str) -> float:
-        return statistics.mean(r[key] for r in rows) if rows else 0.0
 
+def figures(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Accuracy, latency by branch count, tokens; baseline / f1 ratios."""
+    f1, base = results["f1"], results["react_baseline"]
+    both = [
+        i
+        for i, (a, b) in enumerate(zip(f1, base, strict=True))
+        if "error" not in a and "error" not in b
+    ]
     return {
         "questions": len(f1),
         "accuracy": {
@@ -193,13 +215,8 @@ def figures(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "baseline": sum("error" in r for r in base),
         },
         "latency_s": {
-            "f1": round(mean(f1, "seconds"), 4),
-            "baseline": round(mean(base, "seconds"), 4),
-            "speedup": round(mean(base, "seconds") / mean(f1, "seconds"), 3),
-            "speedup_3_to_5_branches": round(mean(wide_base, "seconds") / mean(wide, "seconds"), 3)
-            if wide
-            else None,
-            "by_branches": by_branch,
+            "all": latency(f1, base),
+            "answered": latency([f1[i] for i in both], [base[i] for i in both]),
         },
         "tokens": {
             "f1": round(mean(f1, "tokens"), 1),
