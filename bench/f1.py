@@ -20,7 +20,9 @@ Figures (one JSON object on stdout):
                       early (a rejected plan stops the planner), so `answered` repeats the
                       comparison on the questions both pipelines answered.
   tokens              mean tokens per question (the run's total over every model call).
-  failed_runs         runs that ended in an error (counted wrong).
+  failed_runs         runs that ended in an error (counted wrong), by the last round's reason:
+                      an entity name not in the question, plan syntax, a tool's error
+                      (unknown entity or field, bad argument), or other.
 
 Usage: .venv/bin/python bench/f1.py [--n 200] [--tool-latency-ms 0] [--warmup 3]
 """
@@ -190,6 +192,28 @@ def latency(f1: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, A
         else None,
         "by_branches": by_branch,
     }
+
+
+FAILURES = (
+    ("ungrounded_name", "is not in the question"),
+    ("syntax", "expected"),
+    ("no_join", "does not end with join()"),
+    ("tool_error", "kb.lookup"),
+    ("tool_error", "calc"),
+)
+
+
+def failures(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Failed runs by the reason of their last round."""
+    counts = {"total": 0}
+    for row in rows:
+        if "error" not in row:
+            continue
+        last = row["error"].rsplit("round(s): ", 1)[-1]
+        kind = next((k for k, text in FAILURES if text in last), "other")
+        counts["total"] += 1
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def figures(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
