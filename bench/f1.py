@@ -194,12 +194,12 @@ def latency(f1: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, A
     }
 
 
-FAILURES = (
+FAILURES = (  # the first match names the reason
     ("ungrounded_name", "is not in the question"),
-    ("syntax", "expected"),
+    ("tool_error", "(kb.lookup):"),
+    ("tool_error", "(calc):"),
     ("no_join", "does not end with join()"),
-    ("tool_error", "kb.lookup"),
-    ("tool_error", "calc"),
+    ("syntax", "plan line"),
 )
 
 
