@@ -234,10 +234,7 @@ def figures(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 for b in sorted({r["branches"] for r in f1})
             },
         },
-        "failed_runs": {
-            "f1": sum("error" in r for r in f1),
-            "baseline": sum("error" in r for r in base),
-        },
+        "failed_runs": {"f1": failures(f1), "baseline": failures(base)},
         "latency_s": {
             "all": latency(f1, base),
             "answered": latency([f1[i] for i in both], [base[i] for i in both]),
