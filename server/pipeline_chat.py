@@ -36,7 +36,7 @@ from server.openai_types import (
 )
 from server.runs import ActiveRun
 from server.service import PipelineService
-from server.store import PipelineRecord
+from server.store import Resolved
 
 RUN_HEADER = "x-compound-run-id"
 
@@ -64,19 +64,19 @@ class ChatRun(msgspec.Struct, frozen=True, kw_only=True):
 
 async def start_chat_run(
     service: PipelineService,
-    endpoint: tuple[PipelineRecord, PhysicalPlan],
+    endpoint: tuple[Resolved, PhysicalPlan],
     req: ChatCompletionRequest,
     *,
     actor: str,
 ) -> ChatRun:
     """Check what a pipeline can answer, and start its run on the conversation."""
     _check_fields(req)
-    record, plan = endpoint
+    resolved, plan = endpoint
     chat = plan.spec.chat
     conversation = [_message(m) for m in req.messages]
     want_events = req.compound is not None and req.compound.events
-    active = await service.runs.start(
-        record, plan, {chat.input: conversation}, actor=actor, subscribe=req.stream
+    active = await service.start_resolved(
+        resolved, {chat.input: conversation}, actor=actor, subscribe=req.stream, plan=plan
     )
     return ChatRun(
         id=f"chatcmpl-{active.run_id}",

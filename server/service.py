@@ -227,21 +227,21 @@ class PipelineService:
         """The plan of `name` or `name@<ref>` (see `resolve`), e.g. for `pipeline` steps."""
         return self.plan(self.resolve(ref).record)
 
-    def chat_endpoint(self, ref: str) -> tuple[PipelineRecord, PhysicalPlan] | None:
-        """The pipeline a chat request's `model` names (resolved like `pipeline` steps, by
-        `Store.resolve`), planned; None when no pipeline has that name. A pipeline whose spec
-        has no `chat` section is not a chat model: `InvalidRequestError`."""
+    def chat_endpoint(self, ref: str) -> tuple[Resolved, PhysicalPlan] | None:
+        """The pipeline a chat request's `model` names (`f1`, `f1@v1`: `resolve`), planned;
+        None when no pipeline has that name. A pipeline whose spec has no `chat` section is
+        not a chat model: `InvalidRequestError`."""
         try:
-            record = self.store.resolve(ref)
+            resolved = self.resolve(ref)
         except PipelineNotFoundError:
             return None
-        plan = self.plan(record)
+        plan = self.plan(resolved.record)
         if plan.spec.chat is None:
             raise InvalidRequestError(
                 f"pipeline {ref!r} is not a chat endpoint (its spec has no `chat` section)",
                 param="model",
             )
-        return record, plan
+        return resolved, plan
 
     def explain(self, name: str, version: int | None, fmt: ExplainFormat) -> ExplainResponse:
         """EXPLAIN a version (`name` may be `name@ref`): the plan with estimates and the
@@ -356,9 +356,12 @@ class PipelineService:
         actor: str,
         subscribe: bool = False,
         rerun_of: str | None = None,
+        plan: PhysicalPlan | None = None,
     ) -> ActiveRun:
-        """Plan a resolved pipeline and start a run of it, recording where its spec came from."""
-        plan = await asyncio.to_thread(self.plan, resolved.record)
+        """Plan a resolved pipeline (unless `plan` is its plan already) and start a run of it,
+        recording where its spec came from."""
+        if plan is None:
+            plan = await asyncio.to_thread(self.plan, resolved.record)
         provenance = Provenance(ref=resolved.ref, commit=resolved.commit, rerun_of=rerun_of)
         return await self.runs.start(
             resolved.record,
