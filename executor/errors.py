@@ -60,6 +60,11 @@ class OutputError(ExecutorError):
         self.message = message
 
 
+class PlanFailed(ExecutorError):
+    """A `plan` step found no answer in its rounds (plans rejected, tasks failed, or the
+    joiner kept asking to replan). Model output, so a retry or a fallback planner may help."""
+
+
 class OperatorError(ExecutorError):
     """A step's evaluated values have the wrong shape (e.g. `map` over a non-list)."""
 

@@ -30,7 +30,7 @@ from msgspec.structs import replace
 from executor import events
 from executor.backends import ModelCall, ModelResult
 from executor.context import RunContext
-from executor.errors import ExecutorError, OperatorError
+from executor.errors import ExecutorError, OperatorError, PlanFailed
 from executor.operators import Env, StepRun, model_call
 from planner.expressions import render
 from planner.plan_format import (
@@ -106,10 +106,11 @@ class Round:
 async def run_plan(
     ctx: RunContext, env: Env, run: StepRun, scope: dict[str, Any], variant: Fallback | None
 ) -> str:
-    """Plan, run the tools, join; replan until an answer or `max_rounds` rounds."""
+    """Plan, run the tools, join; replan until an answer or `max_rounds` rounds. A fallback
+    (`variant`) names another planner model: its rounds start afresh."""
     spec: PlanSpec = run.step.plan
     history: list[dict[str, Any]] = []
-    rounds = _Rounds(ctx, env, run, scope)
+    rounds = _Rounds(ctx, env, run, scope, planner=variant.model if variant else None)
     for number in range(1, spec.max_rounds + 1):
         done = await rounds.run(Round(number), history)
         history.append(done.summary())
@@ -117,9 +118,7 @@ async def run_plan(
             return done.answer or ""
     last = history[-1]
     why = last["error"] or f"the joiner asked to replan ({last['answer']!r})"
-    raise OperatorError(
-        f"plan step {run.name!r} found no answer in {spec.max_rounds} round(s): {why}"
-    )
+    raise PlanFailed(f"plan step {run.name!r} found no answer in {spec.max_rounds} round(s): {why}")
 
 
 def _asks_replan(answer: str | None, spec: PlanSpec) -> bool:
@@ -129,9 +128,20 @@ def _asks_replan(answer: str | None, spec: PlanSpec) -> bool:
 class _Rounds:
     """Runs rounds of one plan step: model calls, line parsing, task dispatch, events."""
 
-    def __init__(self, ctx: RunContext, env: Env, run: StepRun, scope: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        env: Env,
+        run: StepRun,
+        scope: dict[str, Any],
+        *,
+        planner: str | None = None,
+    ) -> None:
         self.ctx, self.env, self.run_, self.scope = ctx, env, run, scope
         self.spec: PlanSpec = run.step.plan
+        self.planner = self.spec.planner
+        if planner is not None:  # a fallback's planner model alias
+            self.planner = replace(self.planner, model=planner)
         self.tools = frozenset(env.declared_tools)
         grounding = self.spec.grounding
         self.grounding = render(grounding, scope) if grounding is not None else ""
@@ -193,7 +203,7 @@ class _Rounds:
         plan = {"round": current.number, "rounds": history, "text": current.text}
         if self.spec.mode == "sequential" and current.lines:
             plan["text"] += "\n"  # the next line starts on a line of its own
-        call = self._call(self.spec.planner, plan)
+        call = self._call(self.planner, plan)
         if current.number > 1 and self.spec.replan_temperature is not None:
             call = replace(call, temperature=self.spec.replan_temperature)
         if self.spec.constrain:

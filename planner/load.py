@@ -453,10 +453,11 @@ def _check_output_constraint(path: str, output: dict[str, Any]) -> Iterator[Spec
 
 
 def _check_fallback(base: str, step: Step, kind: str) -> Iterator[SpecError]:
-    if step.fallback and kind not in ("generate", "tool"):
-        yield SpecError(f"{base}/fallback", "only generate and tool steps have fallbacks")
+    if step.fallback and kind not in ("generate", "tool", "plan"):
+        yield SpecError(f"{base}/fallback", "only generate, tool and plan steps have fallbacks")
         return
-    want, other = ("model", "tool") if kind == "generate" else ("tool", "model")
+    # a plan step falls back to another planner model (its rounds start over)
+    want, other = ("tool", "model") if kind == "tool" else ("model", "tool")
     for i, alternative in enumerate(step.fallback):
         path = f"{base}/fallback/{i}"
         if getattr(alternative, want) is None:

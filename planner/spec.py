@@ -57,7 +57,7 @@ class Generate(Struct, **_STRUCT):
 class Fallback(Struct, **_STRUCT):
     """An alternative tried, in order, when the step's own attempts are exhausted."""
 
-    model: Identifier | None = None  # generate steps: another model alias
+    model: Identifier | None = None  # generate steps: another model alias; plan: another planner
     tool: ToolName | None = None  # tool steps: another registered tool with the same args
     max_tokens: Annotated[int, Meta(ge=1, le=32_768)] | None = None
 

@@ -19,7 +19,7 @@ from planner import plan_format
 from tests.executor.conftest import Events, Recorder, backends_of, compile_dict
 from tools.registry import ToolRegistry
 
-PLANNER, JOINER = "planner-model", "joiner-model"
+PLANNER, JOINER, BACKUP = "planner-model", "joiner-model", "backup-planner"
 
 
 class StreamingModel:
@@ -37,8 +37,8 @@ class StreamingModel:
         self.stream_ended: list[float] = []
 
     def serves(self, target: str) -> bool:
-        """Both test models."""
-        return target in (PLANNER, JOINER)
+        """The test models."""
+        return target in (PLANNER, JOINER, BACKUP)
 
     async def generate(self, call: ModelCall, on_delta: Any = None) -> ModelResult:
         """Stream the scripted answer four characters at a time."""
@@ -50,6 +50,8 @@ class StreamingModel:
             if "\n" in call.stop:  # sequential mode: the next line only
                 done = prompt.count("\n", prompt.index("PLAN:")) - 1
                 text = text.split("\n")[done]
+        elif call.target == BACKUP:
+            text = '1. echo(value="from the backup")\n2. join()'
         else:
             text = self.join(prompt)
         for i in range(0, len(text), 4):
@@ -94,9 +96,17 @@ def spec(mode: str = "parallel", **plan: Any) -> dict[str, Any]:
 
 
 async def run(
-    model: StreamingModel, tools: ToolRegistry, mode: str = "parallel", **plan: Any
+    model: StreamingModel,
+    tools: ToolRegistry,
+    mode: str = "parallel",
+    fallback: list[dict[str, Any]] = (),
+    **plan: Any,
 ) -> tuple[Any, Events]:
-    compiled = compile_dict(spec(mode, **plan), tools=tools, models={PLANNER, JOINER})
+    body = spec(mode, **plan)
+    if fallback:
+        body["models"]["b"] = BACKUP
+        body["steps"]["answer"]["fallback"] = list(fallback)
+    compiled = compile_dict(body, tools=tools, models={PLANNER, JOINER, BACKUP})
     found = Events()
     result = await execute(
         compiled, {"q": "x"}, backends=backends_of(model), tools=tools, emit=found.append
@@ -260,3 +270,13 @@ def test_the_engine_backend_passes_a_grammar_on_or_refuses_it() -> None:
     else:
         with pytest.raises(BackendError, match="grammar"):
             backend._request(call)
+
+
+async def test_a_fallback_planner_gets_fresh_rounds(tools: ToolRegistry) -> None:
+    model = StreamingModel(["nonsense"], join=lambda prompt: prompt)
+    result, found = await run(model, tools, fallback=[{"model": "b"}], max_rounds=2)
+    assert result.status == "succeeded", result.error
+    assert result.outputs["answer"] == "1=from the backup;"
+    assert [c.target for c in model.calls] == [PLANNER, PLANNER, BACKUP, JOINER]
+    retried = [e for e in found if isinstance(e, events.StepRetried)]
+    assert [(e.step, e.attempt) for e in retried] == [("answer", 2)]

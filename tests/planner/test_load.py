@@ -240,7 +240,7 @@ SEMANTIC_CASES = [
     (
         "a: {filter: {items: inputs.x, where: item}, fallback: [{model: w}]}",
         "/steps/a/fallback",
-        "only generate and tool",
+        "only generate, tool and plan",
     ),
     (
         "a: {generate: {model: w, prompt: '{{ x.__class__ }}'}}",
