@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # SQLite waits this long for another writer (another thread, or another process) to finish.
 SQLITE_BUSY_TIMEOUT_S = 30
+STEP_ID_LENGTH = 200  # dynamic plan tasks are `<step>.<round>.<line>` (migration 0003)
 
 # JSON on SQLite (text), JSONB on PostgreSQL; both round-trip dicts, lists and scalars.
 JSONValue = JSON().with_variant(JSONB(), "postgresql")
@@ -111,7 +112,7 @@ class RunRow(Base):
     inputs: Mapped[Any]
     outputs: Mapped[Any | None]
     error: Mapped[str | None] = mapped_column(Text)
-    failed_step: Mapped[str | None] = mapped_column(String(64))
+    failed_step: Mapped[str | None] = mapped_column(String(STEP_ID_LENGTH))
     total_tokens: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
@@ -130,7 +131,7 @@ class StepRunRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    step: Mapped[str] = mapped_column(String(64))
+    step: Mapped[str] = mapped_column(String(STEP_ID_LENGTH))
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(default=0)
     started_at: Mapped[datetime | None]

@@ -168,6 +168,21 @@ def test_a_run_records_its_steps_outputs_and_json(store: Store) -> None:
     assert (steps["skipped"].status, steps["skipped"].skip_reason) == ("skipped", "when false")
 
 
+def test_dynamic_step_ids_longer_than_an_identifier_are_kept(store: Store) -> None:
+    # a plan task is `<step>.<round>.<line>`: a 64-character step id makes a longer one
+    step = "s" * 64 + ".12.planner"
+    run_id = _run(store, {"q": "hi"})
+    store.apply(
+        run_id,
+        [
+            StepChange(step=step, values={"status": "failed", "attempts": 1}),
+            RunChange(values={"status": "failed", "failed_step": step, "error": "boom"}),
+        ],
+    )
+    run = store.get_run(run_id)
+    assert run.failed_step == step and [s.step for s in run.steps] == [step]
+
+
 def test_listing_runs_newest_first_with_filters(store: Store) -> None:
     ids = [_run(store) for _ in range(3)]
     store.apply(
