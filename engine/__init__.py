@@ -26,6 +26,8 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs",
     "StreamDelta": "engine.outputs",
     "SamplingParams": "engine.sampling",
+    "SpeculativeConfig": "engine.speculative",
+    "SpeculativeOverride": "engine.speculative",
     "TokenLogprob": "engine.sampling",
     "ModelInfo": "engine.worker",
 }
@@ -45,6 +47,8 @@ __all__ = [
     "QuantizationError",
     "RequestOutput",
     "SamplingParams",
+    "SpeculativeConfig",
+    "SpeculativeOverride",
     "StreamDelta",
     "TokenLogprob",
     "UnsupportedArchitectureError",
@@ -66,6 +70,7 @@ if TYPE_CHECKING:
     )
     from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
     from engine.sampling import SamplingParams, TokenLogprob
+    from engine.speculative import SpeculativeConfig, SpeculativeOverride
     from engine.worker import ModelInfo
 
 

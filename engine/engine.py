@@ -36,6 +36,8 @@ from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
 from engine.quantize import model_weight_bytes, num_parameters, quant_scheme
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, Sequence
+from engine.spec_decode import Speculator
+from engine.speculative import SpeculativeConfig
 from engine.tokenizer import Tokenizer
 from engine.worker import ModelInfo, ModelWorker, Sink
 
@@ -106,6 +108,7 @@ class Engine:
         adapter_dir: str | Path | None = None,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
+        speculative: SpeculativeConfig | None = None,
     ) -> ModelInfo:
         """Load a Hugging Face checkpoint directory under `name`; it serves at once.
 
@@ -113,12 +116,14 @@ class Engine:
         demand (`<adapter_dir>/<adapter>/adapter_config.json`). `quantization` (int8,
         int4-g32/64/128, fp8) quantizes a float checkpoint's weights at load time; a checkpoint
         written by `compound quantize` loads with its own scheme. `kv_cache_dtype` is `auto`
-        (the model's dtype), `int8` or `fp8` (see engine/kv_cache.py)."""
+        (the model's dtype), `int8` or `fp8` (see engine/kv_cache.py). `speculative` turns on
+        speculative decoding for its requests (a draft model must be loaded first)."""
         if not name or ":" in name:
             raise InvalidRequestError("model names are non-empty and have no ':'", param="name")
         with self._load_lock:
             if name in self.model_names():
                 raise ModelAlreadyLoadedError(name)
+            draft = self._draft_worker(speculative)
             path = Path(path)
             args = ModelArgs.from_dir(path)
             torch_dtype = resolve_dtype(dtype, args, self.device)
@@ -178,10 +183,51 @@ class Engine:
                 ),
                 device=self.device,
             )
+            if speculative is not None:
+                _check_draft(worker, draft)
+                worker.speculator = Speculator(worker, speculative, draft)
             with self._lock:
                 self._workers[name] = worker
             log.info("loaded %s from %s: %s", name, path, info)
             return info
+
+    def _draft_worker(self, config: SpeculativeConfig | None) -> ModelWorker | None:
+        """Validate a speculative configuration; the loaded draft model it names, if any."""
+        if config is None:
+            return None
+        if not isinstance(config, SpeculativeConfig):
+            raise InvalidRequestError(
+                "speculative must be a SpeculativeConfig", param="speculative"
+            )
+        config.validate()
+        if config.draft_model is None:
+            return None
+        with self._lock:
+            draft = self._workers.get(config.draft_model)
+        if draft is None:
+            raise InvalidRequestError(
+                f"draft model {config.draft_model!r} is not loaded; load it first",
+                param="speculative.draft_model",
+            )
+        return draft
+
+    def drafts_of(self, name: str) -> list[str]:
+        """Loaded models that use `name` as their draft model."""
+        with self._lock:
+            return [
+                n
+                for n, w in self._workers.items()
+                if w.speculator.draft is not None and w.speculator.draft.info.name == name
+            ]
+
+    def speculative_stats(self, name: str) -> dict[str, int]:
+        """Totals of a model's speculative decoding: verification rounds, draft tokens, accepted."""
+        spec = self._worker(name).speculator
+        return {
+            "rounds": spec.rounds,
+            "draft_tokens": spec.proposed,
+            "accepted_tokens": spec.accepted,
+        }
 
     def _num_blocks(
         self,
@@ -209,6 +255,12 @@ class Engine:
 
     def unload_model(self, name: str) -> None:
         """Abort the model's requests and free its memory."""
+
+        users = self.drafts_of(name)
+        if users:
+            raise InvalidRequestError(
+                f"model {name!r} is the draft model of {users}; unload those first", param="name"
+            )
 
         def unload() -> None:
             with self._lock:
@@ -335,6 +387,7 @@ class Engine:
     def _sequence(self, worker: ModelWorker, request: GenerationRequest) -> Sequence:
         params = request.params
         params.validate(worker.info.max_model_len)
+        worker.speculator.check(params)
         ids = self._prompt_ids(worker, request)
         limit = worker.info.max_model_len
         if len(ids) + params.max_tokens > limit:
@@ -556,6 +609,21 @@ def _max_model_len(args: ModelArgs, requested: int | None) -> int:
             field="max_position_embeddings",
         )
     return requested
+
+
+def _check_draft(target: ModelWorker, draft: ModelWorker | None) -> None:
+    """A draft model must speak the target's tokenizer: its token ids are the target's."""
+    if draft is None:
+        return
+    probe = 'Speculative decoding: 123 tokens, {"json": true}.'
+    same = draft.info.vocab_size == target.info.vocab_size and draft.tokenizer.encode(
+        probe
+    ) == target.tokenizer.encode(probe)
+    if not same:
+        raise InvalidRequestError(
+            f"draft model {draft.info.name!r} does not share {target.info.name!r}'s tokenizer",
+            param="speculative.draft_model",
+        )
 
 
 def _broadcast(params, n: int) -> list[SamplingParams]:

@@ -32,6 +32,9 @@ class StreamDelta:
     completion_tokens: int
     num_cached_tokens: int = 0
     error: str | None = None
+    # Speculative decoding so far: draft tokens verified, and how many the target accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -46,6 +49,8 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -59,6 +64,8 @@ class RequestOutput:
         if delta.logprobs is not None:
             self.logprobs = [*(self.logprobs or []), *delta.logprobs]
         self.num_cached_tokens = delta.num_cached_tokens
+        self.num_draft_tokens = delta.num_draft_tokens
+        self.num_accepted_tokens = delta.num_accepted_tokens
         if delta.finished:
             self.finish_reason = delta.finish_reason
             self.finished_time = now
@@ -67,3 +74,10 @@ class RequestOutput:
     def ttft(self) -> float | None:
         """Seconds from arrival to the first token."""
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of draft tokens the target accepted (None without speculation)."""
+        if not self.num_draft_tokens:
+            return None
+        return self.num_accepted_tokens / self.num_draft_tokens

@@ -20,7 +20,9 @@ class StepInput:
     input_ids: Tensor  # [T]
     positions: Tensor  # [T]
     meta: AttentionMetadata
-    sample_rows: Tensor  # [N] rows of T whose logits are sampled (last new token of a sequence)
+    # [N] rows of T whose logits are sampled: the last new token of a sequence, and before it
+    # one row per speculative token it verifies
+    sample_rows: Tensor
     sample_mask: list[bool]  # per batch item: does it sample a token this step
 
 
@@ -48,19 +50,22 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         """Build the step's token, position, slot and block-table tensors."""
         ids, positions, slots, qlens, starts, tables, sample_mask = [], [], [], [], [], [], []
-        lora_slots = []
+        lora_slots, sample_counts = [], []
         bs = self.block_size
         for seq, n in batch.items:
             lora_slots.extend([seq.lora_slot] * n)
             start = seq.num_computed
             ids.extend(seq.token_ids[start : start + n])
+            if seq.draft_ids:  # speculative tokens to verify follow the last real token
+                ids.extend(seq.draft_ids)
             pos = range(start, start + n)
             positions.extend(pos)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)
             qlens.append(n)
             starts.append(start)
             tables.append(seq.block_table)
-            sample_mask.append(start + n == seq.num_tokens)
+            sample_mask.append(start + n == seq.num_tokens + len(seq.draft_ids))
+            sample_counts.append(1 + len(seq.draft_ids))
         self.lora.set(lora_slots, self.device)
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
@@ -69,7 +74,7 @@ class ModelRunner:
         meta = self._step_metadata(
             query_lens, torch.tensor(starts) + query_lens, table, torch.tensor(slots)
         )
-        rows = (ends - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
+        rows = _sample_rows(ends, sample_mask, sample_counts)
         return StepInput(
             input_ids=torch.tensor(ids, device=self.device),
             positions=torch.tensor(positions, device=self.device),
@@ -162,3 +167,14 @@ class ModelRunner:
         step = self.prepare(ScheduledBatch([(seq, n)], []))
         hidden = self.model(step.input_ids, step.positions, step.meta, private.layers)
         return self.model.compute_logits(hidden)
+
+
+def _sample_rows(ends: Tensor, sample_mask: list[bool], counts: list[int]) -> Tensor:
+    """Rows of T to compute logits for, in batch order."""
+    if all(c == 1 for c in counts):
+        return (ends - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
+    rows = []
+    for end, sampled, count in zip(ends.tolist(), sample_mask, counts, strict=True):
+        if sampled:
+            rows.extend(range(end - count, end))
+    return torch.tensor(rows, dtype=torch.long)

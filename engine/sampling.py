@@ -25,6 +25,7 @@ import msgspec
 import torch
 
 from engine.errors import InvalidRequestError
+from engine.speculative import SpeculativeOverride
 
 MAX_LOGPROBS = 20
 # Below this temperature logits / T overflows float32; such requests are decoded greedily.
@@ -51,6 +52,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Speculative decoding for this request instead of the model's configuration.
+    speculative: SpeculativeOverride | None = None
 
     def validate(self, max_model_len: int | None = None) -> None:
         """Raise `InvalidRequestError` naming the first parameter that is out of range."""

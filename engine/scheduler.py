@@ -46,6 +46,9 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     num_preemptions: int = 0
     payload: Any = None  # the engine's per-request state (sampling, detokenizer, sink)
+    spec: Any = None  # speculative decoding state (engine.spec_decode.SpecState) or None
+    # Guessed tokens verified in this step after the last token; never part of token_ids.
+    draft_ids: list[int] = field(default_factory=list)
     _hashes: list[bytes] = field(default_factory=list)
 
     @property
@@ -199,6 +202,26 @@ class Scheduler:
             for i in range(seq.num_registered, full):
                 self.blocks.register(seq.block_table[i], hashes[i])
             seq.num_registered = full
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Blocks for n new tokens of a running sequence without preempting anyone: speculative
+        tokens are optional, so they take only free blocks. False (nothing taken) if too few."""
+        need = self._blocks_needed(seq, n)
+        if need <= 0:
+            return True
+        blocks = self.blocks.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_table.extend(blocks)
+        return True
+
+    def rollback(self, seq: Sequence) -> None:
+        """Free blocks past the sequence's tokens (they held rejected speculative tokens only,
+        never hashed: `advance` registers blocks of accepted tokens alone)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.blocks.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence for good and release its blocks."""

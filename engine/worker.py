@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from engine.outputs import StreamDelta
 from engine.runner import ModelRunner
 from engine.sampling import Sampler, SamplingParams, SamplingState, TokenLogprob
 from engine.scheduler import Scheduler, Sequence
+from engine.spec_decode import Speculator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,9 @@ class ModelWorker:
         self.sampler = Sampler()
         self.eos_token_ids = tuple(sorted({*args.eos_token_ids, *tokenizer.eos_token_ids}))
         self.requests: dict[str, Sequence] = {}
+        # Configured by `Engine.load_model(speculative=...)`; without a configuration it serves
+        # requests that ask for prompt lookup themselves.
+        self.speculator = Speculator(self, None)
 
     def _pin(self, seq: Sequence) -> bool:
         if seq.adapter is None:
@@ -114,16 +120,14 @@ class ModelWorker:
             detok=self.tokenizer.detokenizer(prompt, params.skip_special_tokens),
             sink=sink,
         )
+        seq.spec = self.speculator.start(params)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
         """Stop a request now and tell its sink."""
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return
-        self.scheduler.finish(seq)
-        self._emit(seq, finished=True, reason=reason, error=error)
+        if request_id in self.requests:
+            self._finish(self.requests[request_id], reason, error)
 
     def abort_all(self, reason: str = "abort", error: str | None = None) -> None:
         """Stop every request of this model."""
@@ -135,32 +139,64 @@ class ModelWorker:
         batch = self.scheduler.schedule()
         if not batch.items:
             return 0
+        for seq in batch.preempted:
+            self.speculator.release(seq)
+        self.speculator.propose(batch, self.scheduler)
+        start = time.perf_counter()
         if any(seq.lora_slot >= 0 for seq, _ in batch.items):
             batch.items.sort(key=lambda item: item[0].lora_slot)  # contiguous tokens per adapter
         logits, sample_mask = self.runner.execute(batch)
         for seq, n in batch.items:
-            self.scheduler.advance(seq, n)
+            if not seq.draft_ids:  # speculating sequences advance by what they accept
+                self.scheduler.advance(seq, n)
         sampled = [seq for (seq, _), s in zip(batch.items, sample_mask, strict=True) if s]
-        if sampled:
-            tokens, logprobs = self.sampler(logits, [seq.payload.sampling for seq in sampled])
-            for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
-                self._append(seq, token, lp)
+        if any(seq.draft_ids for seq in sampled):
+            self._sample_speculative(sampled, logits)
+        elif sampled:
+            self._sample(sampled, logits)
+        self.speculator.observe(batch, time.perf_counter() - start)
         return batch.num_tokens
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = self.sampler(logits, [seq.payload.sampling for seq in sampled])
+        for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
+            self._append(seq, [token], [lp])
+
+    def _sample_speculative(self, sampled: list[Sequence], logits: torch.Tensor) -> None:
+        """Plain rows go to the sampler together; each speculating sequence verifies its rows."""
+        counts = [1 + len(seq.draft_ids) for seq in sampled]
+        offsets = [0, *itertools.accumulate(counts)]
+        plain = [i for i, seq in enumerate(sampled) if not seq.draft_ids]
+        if plain:
+            rows = torch.tensor([offsets[i] for i in plain], device=logits.device)
+            self._sample([sampled[i] for i in plain], logits.index_select(0, rows))
+        for i, seq in enumerate(sampled):
+            if seq.draft_ids:
+                tokens, logprobs = self.speculator.verify(seq, logits[offsets[i] : offsets[i + 1]])
+                emitted = self._append(seq, tokens, logprobs)
+                self.speculator.settle(seq, self.scheduler, emitted)
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> int:
+        """Append tokens up to the first that ends the request; emit once. Returns how many."""
         state: RequestState = seq.payload
-        seq.token_ids.append(token)
-        state.sampling.append(token)
-        state.pending_ids.append(token)
-        if logprob is not None:
-            state.pending_logprobs.append(logprob)
-        reason = self._stop_reason(seq, state, token)
-        if reason is None:
-            self._emit(seq, finished=False)
-            return
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs, strict=True)):
+            seq.token_ids.append(token)
+            state.sampling.append(token)
+            state.pending_ids.append(token)
+            if logprob is not None:
+                state.pending_logprobs.append(logprob)
+            reason = self._stop_reason(seq, state, token)
+            if reason is not None:
+                self._finish(seq, reason)
+                return i + 1
+        self._emit(seq, finished=False)
+        return len(tokens)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         del self.requests[seq.request_id]
         self.scheduler.finish(seq)
-        self._emit(seq, finished=True, reason=reason)
+        self.speculator.release(seq)
+        self._emit(seq, finished=True, reason=reason, error=error)
 
     def _stop_reason(self, seq: Sequence, state: RequestState, token: int) -> str | None:
         if state.sampling.stop_token_hit(token):
@@ -219,6 +255,9 @@ class ModelWorker:
             num_cached_tokens=seq.num_cached_tokens,
             error=error,
         )
+        if seq.spec is not None:
+            delta.num_draft_tokens = seq.spec.acceptance.total_proposed
+            delta.num_accepted_tokens = seq.spec.acceptance.total_accepted
         state.pending_ids, state.pending_logprobs = [], []
         try:
             state.sink(delta)

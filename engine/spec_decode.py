@@ -1,0 +1,361 @@
+"""Speculative decoding inside a model's continuous batch.
+
+Each step, after the scheduler has chosen the batch, `Speculator.propose` gives some decoding
+sequences k guessed tokens (`Sequence.draft_ids`, KV blocks reserved for them) and the batch
+item grows from 1 to 1 + k tokens: the target scores the last token and every guess in the
+same forward as everyone else. `Speculator.verify` then turns those k + 1 logits rows into the
+tokens to emit; the worker appends them and calls `Speculator.settle`, which rolls the target's
+and the draft's KV back to the accepted length. Rejected tokens never reach `token_ids`, so the
+prefix cache never hashes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from engine.errors import InvalidRequestError
+from engine.sampling import (
+    SamplingParams,
+    SamplingState,
+    TokenLogprob,
+    apply_penalties,
+    mask_stop_tokens,
+    warp_logits,
+)
+from engine.scheduler import ScheduledBatch, Scheduler, Sequence, Status
+from engine.speculative import (
+    Acceptance,
+    SpeculativeConfig,
+    SpeedModel,
+    accept_greedy,
+    accept_sampled,
+    acceptance_prior,
+    clamp_length,
+    ngram_propose,
+    sample_draft,
+)
+
+if TYPE_CHECKING:
+    from engine.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SpecState:
+    """A request's speculation: method, length limit, acceptance and its draft-model KV."""
+
+    method: str  # "draft" | "ngram"
+    num_tokens: int
+    adaptive: bool
+    acceptance: Acceptance
+    draft_seq: Sequence | None = None  # the request's tokens in the draft model's KV pool
+    draft_probs: list[Tensor] = field(default_factory=list)  # q per draft (sampling + draft)
+
+
+class _AtPosition:
+    """A request's sampling state as it will be after the first j drafts are accepted, so that
+    penalties and min_tokens apply at every verified position exactly as plain decoding would."""
+
+    __slots__ = ("base", "output_token_ids", "params")
+
+    def __init__(self, base: SamplingState, drafts: list[int]) -> None:
+        self.base, self.params = base, base.params
+        self.output_token_ids = base.output_token_ids + drafts if drafts else base.output_token_ids
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.base.prompt_token_ids
+
+    def prompt_ids_on(self, device: torch.device) -> Tensor:
+        return self.base.prompt_ids_on(device)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.base.stop_ids
+
+    @property
+    def min_tokens_pending(self) -> bool:
+        return len(self.output_token_ids) < self.params.min_tokens
+
+
+def _positions(state: SamplingState, drafts: list[int], n: int) -> list[_AtPosition]:
+    return [_AtPosition(state, drafts[:j]) for j in range(n)]
+
+
+class Speculator:
+    """Proposes, verifies and rolls back speculative tokens for one target model."""
+
+    def __init__(
+        self,
+        target: ModelWorker,
+        config: SpeculativeConfig | None,
+        draft: ModelWorker | None = None,
+    ) -> None:
+        self.target, self.config, self.draft = target, config, draft
+        self.speed = SpeedModel()
+        self.generator = torch.Generator(device=target.device)
+        self.generator.seed()
+        # Totals for metrics.
+        self.proposed = self.accepted = self.rounds = 0
+
+    # -- per request -------------------------------------------------------------------------
+
+    def check(self, params: SamplingParams) -> None:
+        """Refuse a request override this model cannot serve."""
+        override = params.speculative
+        if override is None:
+            return
+        override.validate()
+        if override.method == "draft" and self.draft is None:
+            raise InvalidRequestError(
+                "speculative method 'draft' needs a draft model configured for this model",
+                param="speculative.method",
+            )
+
+    def start(self, params: SamplingParams) -> SpecState | None:
+        """The request's speculation state, or None when it decodes plainly."""
+        config, override = self.config, params.speculative
+        method = override.method if override is not None else (config and config.method)
+        if not method or method == "off":
+            return None
+        default_k = config.num_tokens if config is not None else 4
+        k = override.num_tokens if override is not None and override.num_tokens else default_k
+        state = SpecState(
+            method=method,
+            num_tokens=k,
+            adaptive=config.adaptive if config is not None else True,
+            acceptance=Acceptance(acceptance_prior(method)),
+        )
+        if method == "draft":
+            state.draft_seq = Sequence("draft", [], 0, 0)
+        return state
+
+    def release(self, seq: Sequence) -> None:
+        """Free the request's draft-model KV (finished, aborted or preempted)."""
+        state: SpecState | None = seq.spec
+        if state is None or state.draft_seq is None or self.draft is None:
+            return
+        d = state.draft_seq
+        self.draft.blocks.release(d.block_table)
+        d.block_table, d.num_computed = [], 0
+
+    # -- proposing ---------------------------------------------------------------------------
+
+    def propose(self, batch: ScheduledBatch, scheduler: Scheduler) -> None:
+        """Give decoding sequences of the batch draft tokens and grow their items to match."""
+        cands = self._candidates(batch)
+        if not cands:
+            return
+        budget = scheduler.max_num_batched_tokens - batch.num_tokens
+        plans = self._lengths(batch, cands)
+        index = {id(seq): i for i, (seq, _) in enumerate(batch.items)}
+        drafted = []
+        for seq, length, proposal in plans:
+            k = min(length, budget)
+            if k <= 0 or not scheduler.reserve(seq, 1 + k):
+                continue
+            budget -= k
+            if seq.spec.method == "ngram":
+                seq.draft_ids = proposal[:k]
+            else:
+                drafted.append((seq, k))
+        if drafted:
+            self._draft_propose(drafted)
+        for seq, _, _ in plans:
+            if seq.draft_ids:
+                batch.items[index[id(seq)]] = (seq, 1 + len(seq.draft_ids))
+            else:
+                scheduler.rollback(seq)
+
+    def _candidates(self, batch: ScheduledBatch) -> list[Sequence]:
+        out = []
+        for seq, n in batch.items:
+            if seq.spec is None or n != 1 or seq.num_computed + 1 != seq.num_tokens:
+                continue  # prefilling, or speculation off
+            if getattr(seq, "constraint", None) is not None:
+                # Hook for constrained decoding (engine/constraints.py): until drafts are checked
+                # with `advance`/`rollback` and verified under `allowed()`, such requests decode
+                # plainly, which is lossless.
+                continue
+            out.append(seq)
+        return out
+
+    def _lengths(
+        self, batch: ScheduledBatch, cands: list[Sequence]
+    ) -> list[tuple[Sequence, int, list[int]]]:
+        """(sequence, draft length, prompt-lookup proposal) for the candidates."""
+        caps = []
+        for seq in cands:
+            state: SpecState = seq.spec
+            cap = min(state.num_tokens, seq.max_total_tokens - seq.num_tokens - 1)
+            if state.adaptive:
+                cap = clamp_length(state.acceptance.rate, cap)
+            proposal = []
+            if state.method == "ngram" and cap > 0:
+                cfg = self.config
+                lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
+                proposal = ngram_propose(seq.token_ids, cap, lo, hi)
+                cap = len(proposal)
+            elif state.method == "draft" and not self._draft_fits(seq, cap):
+                cap = 0
+            caps.append((seq, max(cap, 0), proposal))
+        chosen = self._choose(batch, caps)
+        return [(seq, cap if self._fixed(seq) else min(chosen, cap), p) for seq, cap, p in caps]
+
+    def _fixed(self, seq: Sequence) -> bool:
+        """Requests whose draft length ignores measured timings (see `SpecState`)."""
+        params = seq.payload.params
+        return not seq.spec.adaptive or (params.seed is not None and not params.greedy)
+
+    def _choose(self, batch: ScheduledBatch, caps) -> int:
+        """The batch's draft length from the speed model (adaptive requests only)."""
+        adaptive = [(seq.spec.acceptance.rate, cap) for seq, cap, _ in caps if not self._fixed(seq)]
+        drafted = sum(1 for seq, cap, _ in caps if cap and seq.spec.method == "draft")
+        emits = sum(1 for seq, n in batch.items if seq.num_computed + n == seq.num_tokens)
+        multi = any(n > 1 for _, n in batch.items)
+        k = self.speed.choose((batch.num_tokens, emits, multi), adaptive, drafted)
+        log.debug("speculate %d tokens: %s %s", k, adaptive, self.speed)
+        return k
+
+    def _draft_fits(self, seq: Sequence, k: int) -> bool:
+        return self.draft is not None and seq.num_tokens + k <= self.draft.info.max_model_len
+
+    def _draft_propose(self, items: list[tuple[Sequence, int]]) -> None:
+        """Run the draft model k times over the sequences (batched), one token per run."""
+        for seq, _ in items:
+            d = seq.spec.draft_seq
+            d.token_ids = list(seq.token_ids)
+            seq.spec.draft_probs = []
+        active = items
+        for j in range(max(k for _, k in items)):
+            active = [(seq, k) for seq, k in active if k > j and self._draft_reserve(seq)]
+            if not active:
+                return
+            self._draft_forward([seq for seq, _ in active], timed=j > 0)
+
+    def _draft_reserve(self, seq: Sequence) -> bool:
+        """Blocks in the draft pool for the draft sequence's uncomputed tokens."""
+        d = seq.spec.draft_seq
+        bs = self.draft.blocks.block_size
+        need = -(-d.num_tokens // bs) - len(d.block_table)
+        if need <= 0:
+            return True
+        blocks = self.draft.blocks.allocate(need)
+        if blocks is None:
+            return False
+        d.block_table.extend(blocks)
+        return True
+
+    def _draft_forward(self, seqs: list[Sequence], *, timed: bool) -> None:
+        """One draft-model forward, one new draft token per sequence; the first forward of a
+        step also catches the draft's cache up with accepted tokens, so only later ones time
+        the steady per-token cost."""
+        start = time.perf_counter()
+        drafts = [seq.spec.draft_seq for seq in seqs]
+        batch = ScheduledBatch([(d, d.num_tokens - d.num_computed) for d in drafts], [])
+        logits, _ = self.draft.runner.execute(batch)  # [len(seqs), V]: last row of each
+        tokens = self._draft_tokens(seqs, logits)
+        for seq, d, token in zip(seqs, drafts, tokens, strict=True):
+            d.num_computed = d.num_tokens
+            d.token_ids.append(token)
+            seq.draft_ids.append(token)
+        if timed:
+            self.speed.observe_draft(len(seqs), time.perf_counter() - start)
+
+    def _draft_tokens(self, seqs: list[Sequence], logits: Tensor) -> list[int]:
+        """Greedy requests take the draft's argmax; sampling ones draw from its distribution
+        under their own parameters (the q that verification divides by)."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            state: SamplingState = seq.payload.sampling
+            if state.params.greedy:
+                continue
+            view = [_AtPosition(state, seq.draft_ids)]
+            row = mask_stop_tokens(apply_penalties(logits[i : i + 1].float().clone(), view), view)
+            q = warp_logits(row, [state.params]).softmax(dim=-1)[0]
+            seq.spec.draft_probs.append(q)
+            tokens[i] = sample_draft(q, self._generator(state))
+        return tokens
+
+    def _generator(self, state: SamplingState) -> torch.Generator:
+        return state.generator if state.generator is not None else self.generator
+
+    # -- verifying ---------------------------------------------------------------------------
+
+    def verify(self, seq: Sequence, rows: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Tokens to emit (accepted drafts + one of the target's) from the target's logits rows
+        [1 + k, V] at the last token and each draft, with logprobs when the request wants them."""
+        state: SamplingState = seq.payload.sampling
+        drafts = seq.draft_ids
+        views = _positions(state, drafts, len(drafts) + 1)
+        penalized = apply_penalties(rows.float().clone(), views)
+        logprobs = penalized.log_softmax(dim=-1) if state.params.logprobs is not None else None
+        masked = mask_stop_tokens(penalized, views)
+        if state.params.greedy:
+            tokens = accept_greedy(masked.argmax(dim=-1).tolist(), drafts)
+        else:
+            p = warp_logits(masked, [state.params] * len(views)).softmax(dim=-1)
+            q = torch.stack(seq.spec.draft_probs) if seq.spec.draft_probs else None
+            tokens = accept_sampled(p, q, drafts, self._generator(state))
+        return tokens, _logprobs(logprobs, tokens, state.params.logprobs)
+
+    def settle(self, seq: Sequence, scheduler: Scheduler, emitted: int) -> None:
+        """After the worker appended `emitted` tokens: record acceptance, advance the target's
+        computed length over the accepted drafts and free KV blocks of rejected ones."""
+        state: SpecState = seq.spec
+        proposed, accepted = len(seq.draft_ids), max(emitted - 1, 0)
+        start = seq.num_tokens - emitted  # the verified token's index + 1
+        seq.draft_ids = []
+        state.draft_probs = []
+        state.acceptance.update(proposed, min(accepted, proposed))
+        self.proposed += proposed
+        self.accepted += min(accepted, proposed)
+        self.rounds += 1
+        if seq.status is not Status.RUNNING:
+            return  # finished inside the run: `release` freed its blocks already
+        if state.draft_seq is not None:
+            self._draft_rollback(state.draft_seq, start + accepted)
+        scheduler.advance(seq, 1 + accepted)
+        scheduler.rollback(seq)
+
+    def _draft_rollback(self, d: Sequence, valid: int) -> None:
+        """Keep draft KV only for tokens the target accepted (positions < valid)."""
+        d.num_computed = min(d.num_computed, valid)
+        d.token_ids = d.token_ids[: d.num_computed]
+        keep = -(-d.num_computed // self.draft.blocks.block_size)
+        if len(d.block_table) > keep:
+            self.draft.blocks.release(d.block_table[keep:])
+            del d.block_table[keep:]
+
+    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Feed a measured target step into the speed model."""
+        multi = any(n > 1 for _, n in batch.items)
+        self.speed.observe_target(batch.num_tokens, multi, seconds)
+
+
+def _logprobs(
+    logprobs: Tensor | None, tokens: list[int], n: int | None
+) -> list[TokenLogprob | None]:
+    """TokenLogprob of each emitted token j from row j (None each when not asked for)."""
+    if logprobs is None or n is None:
+        return [None] * len(tokens)
+    rows = logprobs[: len(tokens)]
+    index = torch.tensor(tokens, device=rows.device)[:, None]
+    chosen = rows.gather(1, index).squeeze(1).tolist()
+    top = rows.topk(min(n, rows.shape[1]), dim=-1) if n else None
+    out = []
+    for j, token in enumerate(tokens):
+        pairs = (
+            ()
+            if top is None
+            else tuple(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
+        )
+        out.append(TokenLogprob(token_id=token, logprob=chosen[j], top=pairs))
+    return out

@@ -1,0 +1,342 @@
+"""Speculative decoding: configuration, proposers, lossless acceptance and the cost model.
+
+A proposer guesses the next k tokens of a sequence cheaply: a small **draft model** with the
+target's tokenizer, or **prompt lookup** (the longest recent n-gram of the sequence that also
+occurs earlier in it, followed by what came after it there). The target then scores the last
+token and all k guesses in one forward pass, and `accept_greedy` / `accept_sampled` keep the
+longest prefix the target agrees with plus one token of its own, so the output is distributed
+exactly as the target's (Leviathan et al. 2023, Chen et al. 2023).
+
+How many tokens to propose is a per-step choice (`SpeedModel`): from each request's running
+acceptance rate and the measured time of target steps of different sizes, it picks the draft
+length with the best predicted tokens per second, zero (plain decoding) included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+import torch
+
+from engine.errors import InvalidRequestError
+
+MAX_SPECULATIVE_TOKENS = 16
+
+
+class SpeculativeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How a model speculates: `method` "draft" (with `draft_model`, a loaded model sharing the
+    target's tokenizer) or "ngram" (prompt lookup); at most `num_tokens` guesses per step."""
+
+    method: Literal["draft", "ngram"] = "ngram"
+    draft_model: str | None = None
+    num_tokens: int = 4
+    adaptive: bool = True  # choose the length per step from acceptance and measured step times
+    ngram_min: int = 1
+    ngram_max: int = 4
+
+    def validate(self) -> None:
+        """Raise `InvalidRequestError` naming the first bad field."""
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise InvalidRequestError(
+                'method "draft" needs draft_model, and only it does', param="draft_model"
+            )
+        if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(
+                f"num_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_tokens}",
+                param="num_tokens",
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max <= 16:
+            raise InvalidRequestError(
+                "ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max <= 16",
+                param="ngram_max",
+            )
+
+
+class SpeculativeOverride(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A request's own choice: "off", or a method (and length) instead of the model's default."""
+
+    method: Literal["draft", "ngram", "off"]
+    num_tokens: int | None = None
+
+    def validate(self) -> None:
+        """Raise `InvalidRequestError` when num_tokens is out of range."""
+        if self.num_tokens is not None and not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(
+                f"speculative.num_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                f"got {self.num_tokens}",
+                param="speculative.num_tokens",
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt lookup.
+
+
+def ngram_propose(
+    token_ids: Sequence[int], k: int, ngram_min: int = 1, ngram_max: int = 4
+) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the sequence's longest
+    matching suffix n-gram (longest n first, ngram_max down to ngram_min); [] when none.
+
+    >>> ngram_propose([5, 6, 7, 8, 5, 6], 2)
+    [7, 8]
+    """
+    n_tokens = len(token_ids)
+    for n in range(min(ngram_max, n_tokens - 1), ngram_min - 1, -1):
+        suffix = list(token_ids[n_tokens - n :])
+        first = suffix[0]
+        # Scan backwards: the most recent match best predicts what comes next.
+        for start in range(n_tokens - n - 1, -1, -1):
+            if token_ids[start] == first and list(token_ids[start : start + n]) == suffix:
+                follow = token_ids[start + n : start + n + k]
+                if follow:
+                    return list(follow)
+    return []
+
+
+# ---------------------------------------------------------------------------------------
+# Lossless acceptance.
+
+
+def accept_greedy(target_tokens: Sequence[int], draft: Sequence[int]) -> list[int]:
+    """Tokens to emit: the drafts while they equal the target's argmax, then the target's own.
+
+    target_tokens: the target's choice at each of the len(draft) + 1 positions.
+
+    >>> accept_greedy([3, 4, 9], [3, 5])
+    [3, 4]
+    """
+    out = []
+    for want, guess in zip(target_tokens, draft, strict=False):
+        out.append(want)
+        if want != guess:
+            return out
+    out.append(target_tokens[len(draft)])
+    return out
+
+
+def accept_sampled(
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    draft: Sequence[int],
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Rejection sampling (lossless): keep draft j with probability min(1, p_j/q_j); on the first
+    rejection emit a draw from norm(max(0, p_j - q_j)); if all pass, a draw from p_k.
+
+    p: [k+1, V] target probabilities; q: [k, V] draft probabilities, or None for a
+    deterministic proposer (q one-hot at the draft token, prompt lookup).
+    """
+    k = len(draft)
+    index = torch.tensor(list(draft), dtype=torch.long, device=p.device)
+    p_draft = p[:k].gather(1, index[:, None]).squeeze(1)
+    q_draft = torch.ones_like(p_draft) if q is None else q.gather(1, index[:, None]).squeeze(1)
+    u = torch.rand(k, generator=generator, device=p.device)
+    accepted = (u * q_draft < p_draft).tolist()  # u < p/q without dividing by a zero q
+    out = []
+    for j, ok in enumerate(accepted):
+        if not ok:
+            residual = _residual(p[j], None if q is None else q[j], draft[j])
+            return [*out, _draw(residual, generator)]
+        out.append(draft[j])
+    return [*out, _draw(p[k], generator)]
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor | None, token: int) -> torch.Tensor:
+    """norm(max(0, p - q)); for a one-hot q that is p without the rejected token."""
+    if q is None:
+        residual = p.clone()
+        residual[token] = 0.0
+    else:
+        residual = (p - q).clamp_min_(0.0)
+    if float(residual.sum()) <= 0.0:  # p == q up to rounding: rejection had probability ~0
+        return p
+    return residual
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from unnormalised probabilities [V]."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_draft(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """A draft token from the draft's probabilities [V] (the q of `accept_sampled`)."""
+    return _draw(probs, generator)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verification emits on average with k drafts, each accepted with prob alpha."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptation.
+
+
+class Acceptance:
+    """A request's running per-token acceptance rate (exponentially weighted)."""
+
+    def __init__(self, prior: float, weight: float = 0.3) -> None:
+        self.accepted, self.trials = prior * 2.0, 2.0  # the prior counts as two tokens
+        self.weight = weight
+        self.total_proposed = self.total_accepted = self.rounds = 0
+
+    @property
+    def rate(self) -> float:
+        """The current estimate of P(a draft token is accepted)."""
+        return self.accepted / self.trials
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """Record one verification: `accepted` of `proposed` drafts kept."""
+        # A round tests drafts until the first rejection: accepted + (1 if one was rejected).
+        trials = accepted + (1 if accepted < proposed else 0)
+        decay = (1.0 - self.weight) ** max(trials, 1)
+        self.accepted = self.accepted * decay + accepted
+        self.trials = self.trials * decay + trials
+        self.total_proposed += proposed
+        self.total_accepted += accepted
+        self.rounds += 1
+
+
+class StepTimer:
+    """Measured seconds of steps by size: an EMA per bucket of tokens, linear between buckets."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.table: dict[int, float] = {}
+
+    @staticmethod
+    def bucket(tokens: int) -> int:
+        """Exact up to 16 tokens, then 8-wide up to 128, then powers of two."""
+        if tokens <= 16:
+            return tokens
+        if tokens <= 128:
+            return -(-tokens // 8) * 8
+        return 1 << (tokens - 1).bit_length()
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """Fold one measured step into its bucket."""
+        b = self.bucket(tokens)
+        old = self.table.get(b)
+        self.table[b] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def known(self, tokens: int) -> bool:
+        """Was a step of this size measured?"""
+        return self.bucket(tokens) in self.table
+
+    def predict(self, tokens: int) -> float | None:
+        """Predicted seconds; None before any measurement."""
+        if not self.table:
+            return None
+        b = self.bucket(tokens)
+        if b in self.table:
+            return self.table[b]
+        keys = sorted(self.table)
+        lower = [x for x in keys if x < b]
+        upper = [x for x in keys if x > b]
+        if lower and upper:
+            lo, hi = lower[-1], upper[0]
+            w = (b - lo) / (hi - lo)
+            return self.table[lo] * (1 - w) + self.table[hi] * w
+        near = lower[-1] if lower else upper[0]
+        # Outside the measured range: scale with size, a pessimistic guess for GEMM-bound steps.
+        return self.table[near] * max(b, 1) / max(near, 1)
+
+
+class SpeedModel:
+    """Chooses the draft length of a step from acceptance rates and measured step times.
+
+    Target steps are timed separately for pure decode (one token per sequence) and for steps
+    that verify drafts or prefill (several tokens per sequence): on CPU these take different
+    attention paths. Draft-model time is measured per draft forward by batch size.
+    """
+
+    EXPLORE_EVERY = 64  # plain steps between tries of a size never measured
+
+    def __init__(self) -> None:
+        self.decode = StepTimer()
+        self.multi = StepTimer()
+        self.draft = StepTimer()
+        self._since_explore = 0
+
+    def observe_target(self, tokens: int, multi: bool, seconds: float) -> None:
+        """Record a target forward of `tokens` new tokens (multi: some sequence had several)."""
+        (self.multi if multi else self.decode).observe(tokens, seconds)
+
+    def observe_draft(self, seqs: int, seconds: float) -> None:
+        """Record one draft-model forward over `seqs` sequences."""
+        self.draft.observe(seqs, seconds)
+
+    def choose(
+        self, plain: tuple[int, int, bool], candidates: list[tuple[float, int]], drafted: int
+    ) -> int:
+        """The draft length (0 = no speculation) with the best predicted tokens per second.
+
+        plain: (new tokens of the step without speculation, tokens it emits, whether some
+        sequence computes several tokens); candidates: (acceptance rate, most drafts available)
+        per speculating sequence; drafted: how many of them use the draft model (k draft
+        forwards per step). Sizes never measured are predicted optimistically (interpolated,
+        a draft forward free), so that they get tried and measured once.
+        """
+        tokens, emits, multi = plain
+        k_max = max((k for _, k in candidates), default=0)
+        base = (self.multi if multi else self.decode).predict(tokens)
+        if k_max == 0 or base is None:
+            return 0  # measure plain decoding first
+        best_k, best_rate, runner_up = 0, emits / base, (0.0, 0)
+        for k in range(1, k_max + 1):
+            rate = self._rate(plain, candidates, k, drafted)
+            if rate is None:
+                return k  # nothing with several tokens measured yet
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+            runner_up = max(runner_up, (rate, k))
+        if best_k == 0:
+            # Loads change: now and then re-measure the most promising length.
+            self._since_explore += 1
+            if self._since_explore >= self.EXPLORE_EVERY:
+                self._since_explore = 0
+                return runner_up[1]
+        return best_k
+
+    def _rate(self, plain, candidates, k: int, drafted: int) -> float | None:
+        """Predicted emitted tokens per second at draft length k; None if not measurable."""
+        tokens, emits, _ = plain
+        ks = [min(k, cap) for _, cap in candidates]
+        seconds = self.multi.predict(tokens + sum(ks))
+        if seconds is None:
+            return None
+        if drafted:
+            seconds += (self.draft.predict(drafted) or 0.0) * k
+        gained = sum(
+            expected_tokens(a, kk) - 1.0 for (a, _), kk in zip(candidates, ks, strict=True)
+        )
+        return (emits + gained) / seconds
+
+    def __repr__(self) -> str:
+        def fmt(timer: StepTimer) -> str:
+            return ", ".join(f"{b}: {t * 1e3:.2f}ms" for b, t in sorted(timer.table.items()))
+
+        return f"SpeedModel(decode={{{fmt(self.decode)}}}, multi={{{fmt(self.multi)}}}, draft={{{fmt(self.draft)}}})"
+
+
+def acceptance_prior(method: str) -> float:
+    """The acceptance rate assumed before a request has verified anything."""
+    return 0.7 if method == "draft" else 0.5
+
+
+def clamp_length(alpha: float, k: int, floor: float = 0.1) -> int:
+    """Drop draft positions the request is unlikely to reach (P(reach) = alpha^j < floor)."""
+    if alpha <= 0.0:
+        return min(k, 1)
+    if alpha >= 1.0:
+        return k
+    reach = int(math.log(floor) / math.log(alpha))
+    return max(1, min(k, reach))

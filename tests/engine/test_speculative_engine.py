@@ -1,0 +1,210 @@
+"""Speculative decoding inside the engine: lossless greedy outputs with both proposers at batch
+sizes 1 and 8, rollback of KV blocks, stops inside a draft run, preemption, per-request overrides
+and acceptance figures."""
+
+import random
+
+import pytest
+
+from engine import (
+    Engine,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    SpeculativeConfig,
+    SpeculativeOverride,
+)
+from tests.engine.tiny_models import make_checkpoint
+
+OFF = SpeculativeOverride(method="off")
+NGRAM = SpeculativeOverride(method="ngram")
+DRAFT = SpeculativeOverride(method="draft")
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory):
+    """A different random Llama with the same tokenizer: it guesses badly, so verification
+    rejects often and rollback paths run."""
+    return make_checkpoint(tmp_path_factory.mktemp("draft"), "llama", seed=7, hidden=32, layers=1)
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_llama, tiny_draft):
+    with Engine() as e:
+        e.load_model("draft", tiny_draft, dtype="float32")
+        e.load_model("self-draft", tiny_llama, dtype="float32")
+        config = SpeculativeConfig(
+            method="draft", draft_model="draft", num_tokens=4, adaptive=False
+        )
+        e.load_model("tiny", tiny_llama, dtype="float32", speculative=config, num_blocks=96)
+        same = SpeculativeConfig(
+            method="draft", draft_model="self-draft", num_tokens=3, adaptive=False
+        )
+        e.load_model("tiny-self", tiny_llama, dtype="float32", speculative=same)
+        adaptive = SpeculativeConfig(method="draft", draft_model="draft", num_tokens=6)
+        e.load_model("tiny-adaptive", tiny_llama, dtype="float32", speculative=adaptive)
+        yield e
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Random prompts, some repetitive so that prompt lookup finds matches."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        base = [rng.randrange(5, 400) for _ in range(rng.randrange(3, 30))]
+        out.append(base * (1 + i % 3))
+    return out
+
+
+def greedy(spec: SpeculativeOverride, **kw) -> SamplingParams:
+    fields = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True, **kw}
+    return SamplingParams(speculative=spec, **fields)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-self", "tiny-adaptive"])
+@pytest.mark.parametrize("spec", [DRAFT, NGRAM], ids=["draft", "ngram"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_output_is_identical_with_and_without_speculation(eng, model, spec, batch):
+    ps = prompts(8, seed=batch)
+    ref = [o.token_ids for o in eng.generate(ps, greedy(OFF), model=model)]
+    got = []
+    for i in range(0, len(ps), batch):
+        got += [o.token_ids for o in eng.generate(ps[i : i + batch], greedy(spec), model=model)]
+    assert got == ref
+
+
+def test_draft_tokens_are_verified_and_reported(eng):
+    outs = eng.generate(prompts(4), greedy(DRAFT), model="tiny-self")
+    # The draft is the target itself: every greedy guess is right.
+    assert all(o.num_draft_tokens > 0 for o in outs)
+    assert all(o.num_accepted_tokens == o.num_draft_tokens for o in outs)
+    bad = eng.generate(prompts(4), greedy(DRAFT), model="tiny")
+    assert sum(o.num_draft_tokens for o in bad) > sum(o.num_accepted_tokens for o in bad)
+    stats = eng.speculative_stats("tiny")
+    assert stats["draft_tokens"] >= stats["accepted_tokens"] > 0
+
+
+def test_rolled_back_blocks_return_to_the_pool(eng):
+    blocks = eng.block_manager("tiny")
+    draft_blocks = eng.block_manager("draft")
+    free, draft_free = blocks.num_free, draft_blocks.num_free
+    eng.generate(prompts(8, seed=3), greedy(DRAFT), model="tiny")
+    assert blocks.num_free == free
+    assert draft_blocks.num_free == draft_free
+
+
+def test_prefix_cache_holds_only_accepted_tokens(eng):
+    """A follow-up prompt made of a speculated output must reuse cached blocks and still decode
+    exactly as without cache: rejected tokens never entered a hashed block."""
+    first = prompts(1, seed=11)[0]
+    out = eng.generate([first], greedy(DRAFT), model="tiny")[0]
+    follow = first + out.token_ids
+    hits = eng.block_manager("tiny").hits
+    cached = eng.generate([follow], greedy(OFF), model="tiny")[0]
+    assert eng.block_manager("tiny").hits > hits
+    eng.block_manager("tiny").reset_prefix_cache()
+    fresh = eng.generate([follow], greedy(OFF), model="tiny")[0]
+    assert cached.token_ids == fresh.token_ids
+
+
+def test_stop_token_inside_a_draft_run_ends_the_request_there(eng):
+    p = prompts(1, seed=5)[0]
+    ref = eng.generate([p], greedy(OFF), model="tiny-self")[0].token_ids
+    stop_at = ref[5]
+    params = SamplingParams(
+        max_tokens=24, temperature=0.0, stop_token_ids=(stop_at,), speculative=DRAFT
+    )
+    out = eng.generate([p], params, model="tiny-self")[0]
+    assert out.token_ids == ref[: ref.index(stop_at) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_stop_string_and_max_tokens_inside_a_draft_run(eng):
+    p = prompts(1, seed=6)[0]
+    ref = eng.generate([p], greedy(OFF, max_tokens=7), model="tiny-self")[0]
+    spec = eng.generate([p], greedy(DRAFT, max_tokens=7), model="tiny-self")[0]
+    assert spec.token_ids == ref.token_ids and len(spec.token_ids) == 7
+    full = eng.generate([p], greedy(OFF), model="tiny-self")[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    if not stop.strip():
+        pytest.skip("the random model produced whitespace")
+    ref_stop = eng.generate([p], greedy(OFF, stop=(stop,)), model="tiny-self")[0]
+    spec_stop = eng.generate([p], greedy(DRAFT, stop=(stop,)), model="tiny-self")[0]
+    assert spec_stop.text == ref_stop.text and stop not in spec_stop.text
+
+
+def test_preemption_during_speculation_keeps_outputs_exact(tiny_llama, tiny_draft):
+    config = SpeculativeConfig(method="draft", draft_model="draft", num_tokens=4, adaptive=False)
+    with Engine() as e:
+        e.load_model("draft", tiny_draft, dtype="float32")
+        # 12 blocks of 4 tokens cannot hold 8 sequences of ~40 tokens: preemption must happen.
+        e.load_model("t", tiny_llama, dtype="float32", num_blocks=24, block_size=4,
+                     speculative=config)  # fmt: skip
+        ps = [p[:12] for p in prompts(8, seed=9)]
+        scheduler = e._workers["t"].scheduler
+        preempt, preempted = scheduler._preempt, []
+        scheduler._preempt = lambda seq: (preempted.append(seq.draft_ids), preempt(seq))
+        ref = e.generate(ps, greedy(OFF, max_tokens=30), model="t")
+        preempted.clear()
+        got = e.generate(ps, greedy(DRAFT, max_tokens=30), model="t")
+        assert preempted, "the pool was large enough: no preemption happened"
+        assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+        assert e.block_manager("t").num_free == 24
+        assert e.block_manager("draft").num_free == e.model_info("draft").num_blocks
+
+
+def test_logprobs_match_plain_decoding(eng):
+    p = prompts(2, seed=4)
+    ref = eng.generate(p, greedy(OFF, logprobs=2), model="tiny-self")
+    got = eng.generate(p, greedy(DRAFT, logprobs=2), model="tiny-self")
+    for r, g in zip(ref, got, strict=True):
+        assert [x.token_id for x in g.logprobs] == [x.token_id for x in r.logprobs]
+        for a, b in zip(g.logprobs, r.logprobs, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_penalties_and_min_tokens_stay_exact_under_speculation(eng):
+    p = prompts(3, seed=8)
+    kw = {"repetition_penalty": 1.3, "frequency_penalty": 0.5, "min_tokens": 10}
+    ref = eng.generate(p, greedy(OFF, **kw), model="tiny")
+    got = eng.generate(p, greedy(DRAFT, **kw), model="tiny")
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(eng):
+    params = SamplingParams(max_tokens=20, temperature=0.8, seed=1234, speculative=DRAFT)
+    a = eng.generate(prompts(3), params, model="tiny-self")
+    b = eng.generate(prompts(3), params, model="tiny-self")
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_requests_with_and_without_speculation_share_a_batch(eng):
+    ps = prompts(6, seed=12)
+    specs = [DRAFT, NGRAM, OFF, DRAFT, NGRAM, OFF]
+    ref = [o.token_ids for o in eng.generate(ps, greedy(OFF), model="tiny")]
+    got = eng.generate(ps, [greedy(s) for s in specs], model="tiny")
+    assert [o.token_ids for o in got] == ref
+    assert got[2].num_draft_tokens == 0 and got[0].num_draft_tokens > 0
+
+
+def test_draft_override_needs_a_draft_model(eng):
+    with pytest.raises(InvalidRequestError) as e:
+        eng.submit(
+            GenerationRequest(model="draft", prompt="hi", params=greedy(DRAFT)), lambda d: None
+        )
+    assert e.value.param == "speculative.method"
+
+
+def test_bad_configurations_are_refused(eng, tiny_llama):
+    with pytest.raises(InvalidRequestError):
+        eng.load_model("x", tiny_llama, speculative=SpeculativeConfig(method="draft"))
+    with pytest.raises(InvalidRequestError):
+        eng.load_model(
+            "x", tiny_llama, speculative=SpeculativeConfig(method="draft", draft_model="nope")
+        )
+    with pytest.raises(InvalidRequestError):
+        eng.load_model("x", tiny_llama, speculative=SpeculativeConfig(num_tokens=0))
+    with pytest.raises(InvalidRequestError) as e:
+        eng.unload_model("draft")
+    assert "draft model" in str(e.value)
