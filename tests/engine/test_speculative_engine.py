@@ -208,3 +208,42 @@ def test_bad_configurations_are_refused(eng, tiny_llama):
     with pytest.raises(InvalidRequestError) as e:
         eng.unload_model("draft")
     assert "draft model" in str(e.value)
+
+
+def test_sampled_tokens_follow_the_target_distribution_end_to_end(eng):
+    """Joint frequencies of three sampled tokens (top_k 3: 27 outcomes) under speculation with a
+    poor draft match the target's exact probabilities (chi-square, p = 0.001)."""
+    prompt = prompts(1, seed=21)[0]
+    n = 1500
+    params = [
+        SamplingParams(max_tokens=3, temperature=1.5, top_k=3, seed=i, ignore_eos=True)
+        for i in range(n)
+    ]
+    outs = eng.generate([prompt] * n, params, model="tiny")
+    assert sum(o.num_draft_tokens for o in outs) > n // 2  # speculation did happen
+    counts = {}
+    for o in outs:
+        counts[tuple(o.token_ids)] = counts.get(tuple(o.token_ids), 0) + 1
+    probs = exact_joint(eng, prompt, temperature=1.5, top_k=3, depth=3)
+    assert set(counts) <= set(probs)
+    stat = sum((counts.get(t, 0) - n * p) ** 2 / (n * p) for t, p in probs.items())
+    df = len(probs) - 1
+    assert stat < df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def exact_joint(eng, prompt, *, temperature, top_k, depth, prefix=()):
+    """P(token sequence) of the target under temperature and top-k, by enumeration."""
+    logits = eng.logits("tiny", prompt + list(prefix))[-1] / temperature
+    top = logits.topk(top_k)
+    probs = top.values.softmax(-1).tolist()
+    out = {}
+    for token, p in zip(top.indices.tolist(), probs, strict=True):
+        if depth == 1:
+            out[(*prefix, token)] = p
+            continue
+        rest = exact_joint(
+            eng, prompt, temperature=temperature, top_k=top_k, depth=depth - 1,
+            prefix=(*prefix, token),
+        )  # fmt: skip
+        out.update({seq: p * q for seq, q in rest.items()})
+    return out
