@@ -26,8 +26,8 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs",
     "StreamDelta": "engine.outputs",
     "SamplingParams": "engine.sampling",
-    "SpeculativeConfig": "engine.speculative",
-    "SpeculativeOverride": "engine.speculative",
+    "SpeculativeConfig": "engine.spec_config",
+    "SpeculativeOverride": "engine.spec_config",
     "TokenLogprob": "engine.sampling",
     "ModelInfo": "engine.worker",
 }
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     )
     from engine.outputs import GenerationRequest, RequestOutput, StreamDelta
     from engine.sampling import SamplingParams, TokenLogprob
-    from engine.speculative import SpeculativeConfig, SpeculativeOverride
+    from engine.spec_config import SpeculativeConfig, SpeculativeOverride
     from engine.worker import ModelInfo
 
 

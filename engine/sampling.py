@@ -25,7 +25,7 @@ import msgspec
 import torch
 
 from engine.errors import InvalidRequestError
-from engine.speculative import SpeculativeOverride
+from engine.spec_config import SpeculativeOverride
 
 MAX_LOGPROBS = 20
 # Below this temperature logits / T overflows float32; such requests are decoded greedily.

@@ -130,7 +130,9 @@ class Speculator:
         state = SpecState(
             method=method,
             num_tokens=k,
-            adaptive=config.adaptive if config is not None else True,
+            # A request that names its length gets that length; otherwise the model adapts.
+            adaptive=(config is None or config.adaptive)
+            and (override is None or override.num_tokens is None),
             acceptance=Acceptance(acceptance_prior(method)),
         )
         if method == "draft":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,9 +17,10 @@ from litestar.openapi import OpenAPIConfig
 from engine import Engine
 from server.adapters_api import AdapterController
 from server.catalog import provider_targets
-from server.config import LimitsConfig, ServerConfig
+from server.config import LimitsConfig, ModelConfig, ServerConfig
 from server.errors import handle_exception
 from server.health import HealthController
+from server.metrics_api import MetricsController
 from server.openai_api import OpenAIController
 from server.pipelines_api import (
     PipelineController,
@@ -48,6 +49,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> Litestar:
             RegistryController,
             reload_pipelines,
             HealthController,
+            MetricsController,
         ],
         dependencies={
             "engine": Provide(provide_engine, sync_to_thread=False),
@@ -161,12 +163,18 @@ async def poll_registry(service: PipelineService, interval_s: float) -> None:
             logger.exception("checking the pipelines repository failed")
 
 
+def load_order(models: Sequence[ModelConfig]) -> list[ModelConfig]:
+    """Draft models first: a model's speculative configuration names an already loaded one."""
+    drafts = {m.speculative.draft_model for m in models if m.speculative is not None}
+    return sorted(models, key=lambda m: m.name not in drafts)
+
+
 def start_engine(config: ServerConfig) -> Engine:
     """An engine with the configured models loaded; missing checkpoints are skipped."""
     engine = Engine(
         memory_budget_bytes=config.engine.memory_budget_bytes, device=config.engine.device
     )
-    for model in config.models:
+    for model in load_order(config.models):
         if not Path(model.path).exists():
             logger.warning(
                 "model %s: checkpoint %s does not exist; skipped", model.name, model.path

@@ -13,6 +13,7 @@ from msgspec import Meta, Struct, field
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from engine.spec_config import SpeculativeConfig
 from server.errors import ConfigError
 from tools import ToolsConfig
 
@@ -64,6 +65,8 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
     # own scheme in config.json) and the KV cache's storage dtype.
     quantization: Literal["int8", "int4-g32", "int4-g64", "int4-g128", "fp8"] | None = None
     kv_cache_dtype: Literal["auto", "int8", "fp8"] | None = None
+    # Speculative decoding, e.g. {method: draft, draft_model: demo-draft, num_tokens: 4}
+    speculative: SpeculativeConfig | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `Engine.load_model`, leaving unset ones to the engine."""
@@ -75,6 +78,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True)
             "max_loaded_adapters": self.max_loaded_adapters,
             "quantization": self.quantization,
             "kv_cache_dtype": self.kv_cache_dtype,
+            "speculative": self.speculative,
         }
         return {"dtype": self.dtype} | {k: v for k, v in optional.items() if v is not None}
 

@@ -119,6 +119,7 @@ def choice_params(
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         seed=req.seed,
+        speculative=req.speculative,
         **{k: v for k, v in optional.items() if v is not None},
     )
     base.validate(info.max_model_len)

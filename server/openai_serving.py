@@ -28,6 +28,7 @@ from server.openai_types import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    SpeculativeUsage,
     TopLogprob,
     Usage,
 )
@@ -183,10 +184,23 @@ def chat_response(job: Job, outputs: list[RequestOutput]) -> ChatCompletionRespo
 
 def _usage(job: Job, outputs: list[RequestOutput]) -> Usage:
     completion = sum(len(out.token_ids) for out in outputs)
+    drafts = [(out.num_draft_tokens, out.num_accepted_tokens) for out in outputs]
     return Usage(
         prompt_tokens=job.prompt_tokens,
         completion_tokens=completion,
         total_tokens=job.prompt_tokens + completion,
+        speculative=_speculative_usage(drafts),
+    )
+
+
+def _speculative_usage(drafts: list[tuple[int, int]]) -> SpeculativeUsage | None:
+    """Acceptance figures summed over the choices; None when nothing was speculated."""
+    proposed = sum(d for d, _ in drafts)
+    if not proposed:
+        return None
+    accepted = sum(a for _, a in drafts)
+    return SpeculativeUsage(
+        draft_tokens=proposed, accepted_tokens=accepted, acceptance_rate=accepted / proposed
     )
 
 
@@ -258,9 +272,11 @@ async def _events(
 ) -> AsyncIterator[bytes]:
     # An error after the response started can only be reported inside the stream.
     completion_tokens = [0] * len(job.requests)
+    drafts = [(0, 0)] * len(job.requests)
     try:
         async for index, delta in deltas:
             completion_tokens[index] = delta.completion_tokens
+            drafts[index] = (delta.num_draft_tokens, delta.num_accepted_tokens)
             for body in chunk(index, delta):
                 yield _event(body)
     except Exception as e:
@@ -272,6 +288,7 @@ async def _events(
                 prompt_tokens=job.prompt_tokens,
                 completion_tokens=total,
                 total_tokens=job.prompt_tokens + total,
+                speculative=_speculative_usage(drafts),
             )
             yield _event(usage_chunk(job, usage))
     yield DONE_EVENT

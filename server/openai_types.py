@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct, field
 
+from engine.spec_config import SpeculativeOverride
+
 MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -52,6 +54,8 @@ class SamplingFields(Struct, kw_only=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # compound extension: speculative decoding for this request, e.g. {"method": "ngram"}
+    speculative: SpeculativeOverride | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -107,12 +111,21 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     compound: CompoundChatOptions | None = None  # extension: pipelines as chat models
 
 
-class Usage(Struct, kw_only=True):
-    """Token counts of one request."""
+class SpeculativeUsage(Struct, kw_only=True):
+    """compound extension of `usage`: draft tokens verified and accepted by the target."""
+
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+
+
+class Usage(Struct, kw_only=True, omit_defaults=True):
+    """Token counts of one request (`speculative` only when some draft was verified)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative: SpeculativeUsage | None = None
 
 
 class CompletionLogprobs(Struct, kw_only=True):
