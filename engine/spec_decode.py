@@ -37,7 +37,7 @@ from engine.speculative import (
     accept_sampled,
     acceptance_prior,
     clamp_length,
-    ngram_propose,
+    ngram_match,
     sample_draft,
 )
 
@@ -57,6 +57,7 @@ class SpecState:
     acceptance: Acceptance
     draft_seq: Sequence | None = None  # the request's tokens in the draft model's KV pool
     draft_probs: list[Tensor] = field(default_factory=list)  # q per draft (sampling + draft)
+    match_len: int = 0  # prompt lookup: n of the n-gram behind the current proposal
 
 
 class _AtPosition:
@@ -104,6 +105,10 @@ class Speculator:
         self.generator.seed()
         # Totals for metrics.
         self.proposed = self.accepted = self.rounds = 0
+        # Model-wide acceptance per proposer (prompt lookup: per match length), blended into
+        # a request's own estimate: a one-token n-gram match is a much weaker guess than a
+        # four-token one.
+        self.priors: dict[tuple[str, int], Acceptance] = {}
 
     # -- per request -------------------------------------------------------------------------
 
@@ -193,33 +198,54 @@ class Speculator:
         self, batch: ScheduledBatch, cands: list[Sequence]
     ) -> list[tuple[Sequence, int, list[int]]]:
         """(sequence, draft length, prompt-lookup proposal) for the candidates."""
-        caps = []
-        for seq in cands:
-            state: SpecState = seq.spec
-            cap = min(state.num_tokens, seq.max_total_tokens - seq.num_tokens - 1)
-            if state.adaptive:
-                cap = clamp_length(state.acceptance.rate, cap)
-            proposal = []
-            if state.method == "ngram" and cap > 0:
-                cfg = self.config
-                lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
-                proposal = ngram_propose(seq.token_ids, cap, lo, hi)
-                cap = len(proposal)
-            elif state.method == "draft" and not self._draft_fits(seq, cap):
-                cap = 0
-            caps.append((seq, max(cap, 0), proposal))
+        caps = [self._cap(seq) for seq in cands]
         chosen = self._choose(batch, caps)
-        return [(seq, cap if self._fixed(seq) else min(chosen, cap), p) for seq, cap, p in caps]
+        return [
+            (seq, cap if self._fixed(seq) else min(chosen, cap), proposal)
+            for seq, cap, proposal, _ in caps
+        ]
+
+    def _cap(self, seq: Sequence) -> tuple[Sequence, int, list[int], float]:
+        """Most drafts worth proposing for seq now, the proposal (prompt lookup) and the
+        acceptance rate expected of it."""
+        state: SpecState = seq.spec
+        cap = min(state.num_tokens, seq.max_total_tokens - seq.num_tokens - 1)
+        alpha, proposal = state.acceptance.rate, []
+        if state.method == "ngram" and cap > 0:
+            cfg = self.config
+            lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
+            proposal, state.match_len = ngram_match(seq.token_ids, cap, lo, hi)
+            # How often a match of this length pays off here, and for this request.
+            alpha = 0.5 * (alpha + self._prior(state).rate)
+        elif state.method == "draft" and not self._draft_fits(seq, cap):
+            cap = 0
+        if state.adaptive:
+            cap = clamp_length(alpha, cap)
+        return (
+            seq,
+            max(min(cap, len(proposal)) if state.method == "ngram" else cap, 0),
+            proposal,
+            alpha,
+        )
+
+    def _prior(self, state: SpecState) -> Acceptance:
+        """The model-wide acceptance of the request's proposer (prompt lookup: per match length)."""
+        key = (state.method, state.match_len if state.method == "ngram" else 0)
+        prior = self.priors.get(key)
+        if prior is None:
+            prior = self.priors[key] = Acceptance(acceptance_prior(state.method), weight=0.05)
+        return prior
 
     def _fixed(self, seq: Sequence) -> bool:
-        """Requests whose draft length ignores measured timings (see `SpecState`)."""
+        """Requests whose draft length ignores measured timings: fixed by configuration or by
+        the request, or seeded sampling (a timing-dependent length would change its tokens)."""
         params = seq.payload.params
         return not seq.spec.adaptive or (params.seed is not None and not params.greedy)
 
     def _choose(self, batch: ScheduledBatch, caps) -> int:
         """The batch's draft length from the speed model (adaptive requests only)."""
-        adaptive = [(seq.spec.acceptance.rate, cap) for seq, cap, _ in caps if not self._fixed(seq)]
-        drafted = sum(1 for seq, cap, _ in caps if cap and seq.spec.method == "draft")
+        adaptive = [(alpha, cap) for seq, cap, _, alpha in caps if not self._fixed(seq)]
+        drafted = sum(1 for seq, cap, _, _ in caps if cap and seq.spec.method == "draft")
         emits = sum(1 for seq, n in batch.items if seq.num_computed + n == seq.num_tokens)
         multi = any(n > 1 for _, n in batch.items)
         k = self.speed.choose((batch.num_tokens, emits, multi), adaptive, drafted)
@@ -317,6 +343,7 @@ class Speculator:
         seq.draft_ids = []
         state.draft_probs = []
         state.acceptance.update(proposed, min(accepted, proposed))
+        self._prior(state).update(proposed, min(accepted, proposed))
         self.proposed += proposed
         self.accepted += min(accepted, proposed)
         self.rounds += 1

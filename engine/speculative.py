@@ -36,6 +36,13 @@ def ngram_propose(
     >>> ngram_propose([5, 6, 7, 8, 5, 6], 2)
     [7, 8]
     """
+    return ngram_match(token_ids, k, ngram_min, ngram_max)[0]
+
+
+def ngram_match(
+    token_ids: Sequence[int], k: int, ngram_min: int = 1, ngram_max: int = 4
+) -> tuple[list[int], int]:
+    """`ngram_propose`'s tokens and the length n of the matched n-gram (0 when none)."""
     n_tokens = len(token_ids)
     for n in range(min(ngram_max, n_tokens - 1), ngram_min - 1, -1):
         suffix = list(token_ids[n_tokens - n :])
@@ -45,8 +52,8 @@ def ngram_propose(
             if token_ids[start] == first and list(token_ids[start : start + n]) == suffix:
                 follow = token_ids[start + n : start + n + k]
                 if follow:
-                    return list(follow)
-    return []
+                    return list(follow), n
+    return [], 0
 
 
 # ---------------------------------------------------------------------------------------

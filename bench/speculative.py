@@ -1,0 +1,240 @@
+"""Speculative decoding (issue #5): speculation on vs off in the same engine, the same run.
+
+Prints one JSON object of figures on stdout (progress goes to stderr). The machine is shared
+and noisy, so every figure is a ratio of measurements taken in the same process with the two
+conditions interleaved prompt by prompt (order alternating).
+
+Setup: one engine with demo-draft and demo-large (float32, speculative config
+{method: draft, draft_model: demo-draft, num_tokens: K}); "off" is the per-request override
+`speculative: {method: off}` on the same model, so both conditions share weights and caches.
+  1. batch1_draft   greedy, one request at a time, held-out planner and extract prompts;
+                    output tokens/s with the draft model vs without, the acceptance rate and
+                    the speedup the formula predicts from it and the measured step costs.
+  2. ngram_copy     prompt lookup (no draft model) on copy-heavy prompts: extraction (values
+                    copied from the record) and quoting (repeat a passage); batch 1, greedy.
+  3. batch16_mixed  16 concurrent requests of every task, half greedy, half sampled (seeded),
+                    with the model's default (adaptive draft) vs off; throughput ratio.
+
+Usage: .venv/bin/python bench/speculative.py [--quick] [--threads N] [--num-tokens K]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+from engine import Engine, SamplingParams, SpeculativeConfig, SpeculativeOverride
+from engine.speculative import expected_tokens
+from models import tasks
+from tools.kb import generate_world
+
+log = logging.getLogger("bench.speculative")
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET, DRAFT = "demo-large", "demo-draft"
+OFF = SpeculativeOverride(method="off")
+NGRAM = SpeculativeOverride(method="ngram")
+
+
+def load(num_tokens: int) -> Engine:
+    """An engine with the draft and the target (speculating with it by default)."""
+    eng = Engine(device="cpu")
+    eng.load_model(DRAFT, ROOT / "models" / DRAFT, dtype="float32", num_blocks=1024)
+    config = SpeculativeConfig(method="draft", draft_model=DRAFT, num_tokens=num_tokens)
+    eng.load_model(
+        TARGET, ROOT / "models" / TARGET, dtype="float32", num_blocks=1024, speculative=config
+    )
+    return eng
+
+
+def chat_prompts(eng: Engine, task: str, n: int) -> list[list[int]]:
+    """Held-out prompts of a task, rendered with the chat template."""
+    tok = eng.tokenizer(TARGET)
+    out = []
+    for ex in tasks.generate(task, "heldout", n):
+        text = tok.apply_chat_template(ex.messages(with_answer=False), add_generation_prompt=True)
+        out.append(tok.encode(text, add_special_tokens=False))
+    return out
+
+
+def quote_prompts(eng: Engine, n: int) -> list[list[int]]:
+    """Quoting: a passage of world text followed by its own beginning, to be continued."""
+    tok = eng.tokenizer(TARGET)
+    texts = tasks.world_texts(generate_world(0), 1)[:n]
+    return [tok.encode(f"{t}\n\n{t[: len(t) // 3]}", add_special_tokens=False) for t in texts]
+
+
+def timed(eng: Engine, prompts, params) -> tuple[float, list]:
+    start = time.perf_counter()
+    outs = eng.generate(prompts, params, model=TARGET)
+    return time.perf_counter() - start, outs
+
+
+def one_by_one(eng: Engine, prompts, on: SamplingParams, off: SamplingParams) -> dict:
+    """Each prompt alone, on and off interleaved (alternating order); totals per condition."""
+    t_on = t_off = 0.0
+    n_on = n_off = drafts = accepted = 0
+    identical = True
+    for i, p in enumerate(prompts):
+        order = [(True, on), (False, off)] if i % 2 else [(False, off), (True, on)]
+        result = {}
+        for is_on, params in order:
+            seconds, [out] = timed(eng, [p], params)
+            result[is_on] = out
+            if is_on:
+                t_on, n_on = t_on + seconds, n_on + len(out.token_ids)
+                drafts, accepted = drafts + out.num_draft_tokens, accepted + out.num_accepted_tokens
+            else:
+                t_off, n_off = t_off + seconds, n_off + len(out.token_ids)
+        identical &= result[True].token_ids == result[False].token_ids
+    return {
+        "requests": len(prompts),
+        "tokens_per_s_on": round(n_on / t_on, 2),
+        "tokens_per_s_off": round(n_off / t_off, 2),
+        "speedup": round((n_on / t_on) / (n_off / t_off), 3),
+        "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
+        "draft_tokens": drafts,
+        "accepted_tokens": accepted,
+        "outputs_identical": identical,
+    }
+
+
+def predicted(eng: Engine, acceptance: float, rounds_before: dict) -> dict:
+    """The speedup the formula gives from the measured acceptance and step costs."""
+    stats = eng.speculative_stats(TARGET)
+    rounds = stats["rounds"] - rounds_before["rounds"]
+    k = (stats["draft_tokens"] - rounds_before["draft_tokens"]) / max(rounds, 1)
+    speed = eng._worker(TARGET).speculator.speed  # the engine's own measurements
+    decode, verify = speed.decode.predict(1), speed.multi.predict(1 + round(k))
+    draft = speed.draft.predict(1) or 0.0
+    tokens = expected_tokens(acceptance, round(k))
+    # Leviathan et al.: E[tokens] / (k c + 1), c = draft / target step cost ...
+    paper = tokens / (round(k) * draft / decode + 1)
+    # ... and with the measured cost of verifying k + 1 tokens instead of one.
+    measured = tokens * decode / (verify + round(k) * draft)
+    return {
+        "mean_draft_length": round(k, 2),
+        "expected_tokens_per_round": round(tokens, 3),
+        "step_ms": {
+            "decode": round(decode * 1e3, 2),
+            "verify": round(verify * 1e3, 2),
+            "draft": round(draft * 1e3, 2),
+        },
+        "predicted_speedup_formula": round(paper, 3),
+        "predicted_speedup_measured_costs": round(measured, 3),
+    }
+
+
+def batch1_draft(eng: Engine, n: int) -> dict:
+    prompts = [p for task in ("planner", "extract") for p in chat_prompts(eng, task, n)]
+    greedy = SamplingParams(max_tokens=128, temperature=0.0)
+    before = eng.speculative_stats(TARGET)
+    figures = one_by_one(eng, prompts, greedy, _with(greedy, OFF))
+    figures["prediction"] = predicted(eng, figures["acceptance_rate"] or 0.0, before)
+    figures["target"] = ">= 1.8x"
+    return figures
+
+
+def ngram_copy(eng: Engine, n: int) -> dict:
+    prompts = chat_prompts(eng, "extract", n) + chat_prompts(eng, "planner", n)
+    greedy = SamplingParams(max_tokens=128, temperature=0.0)
+    figures = one_by_one(eng, prompts, _with(greedy, NGRAM), _with(greedy, OFF))
+    figures["target"] = ">= 1.5x"
+    quotes = quote_prompts(eng, max(2, n // 2))
+    figures["quoting"] = one_by_one(eng, quotes, _with(greedy, NGRAM), _with(greedy, OFF))
+    return figures
+
+
+def batch16_mixed(eng: Engine, rounds: int) -> dict:
+    prompts = []
+    for task in tasks.TASKS:
+        prompts += chat_prompts(eng, task, 4)
+    params = [
+        SamplingParams(max_tokens=96, temperature=0.0)
+        if i % 2
+        else SamplingParams(max_tokens=96, temperature=0.8, seed=i)
+        for i in range(len(prompts))
+    ]
+    t = {True: 0.0, False: 0.0}
+    n = {True: 0, False: 0}
+    for r in range(rounds):
+        for on in (True, False) if r % 2 else (False, True):
+            ps = params if on else [_with(p, OFF) for p in params]
+            seconds, outs = timed(eng, prompts, ps)
+            t[on] += seconds
+            n[on] += sum(len(o.token_ids) for o in outs)
+    on_rate, off_rate = n[True] / t[True], n[False] / t[False]
+    return {
+        "requests": len(prompts),
+        "rounds": rounds,
+        "tokens_per_s_on": round(on_rate, 2),
+        "tokens_per_s_off": round(off_rate, 2),
+        "speedup": round(on_rate / off_rate, 3),
+        "target": ">= 0.95x",
+    }
+
+
+def _with(params: SamplingParams, spec: SpeculativeOverride) -> SamplingParams:
+    fields = {f: getattr(params, f) for f in params.__struct_fields__}
+    return SamplingParams(**{**fields, "speculative": spec})
+
+
+def _commit() -> str:
+    try:
+        return (
+            subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT)
+            .decode()
+            .strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few prompts, for a smoke run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--num-tokens", type=int, default=6)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    n, rounds = (2, 2) if args.quick else (8, 4)
+    eng = load(args.num_tokens)
+    try:
+        # Warm-up: lets the speed model measure plain and speculative steps.
+        warm = chat_prompts(eng, "planner", 2)
+        eng.generate(warm, SamplingParams(max_tokens=64, temperature=0.0), model=TARGET)
+        figures = {
+            "bench": "speculative",
+            "commit": _commit(),
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": args.threads,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            },
+            "num_tokens": args.num_tokens,
+        }
+        log.info("batch 1, draft model")
+        figures["batch1_draft"] = batch1_draft(eng, n)
+        log.info("prompt lookup on copy-heavy prompts")
+        figures["ngram_copy"] = ngram_copy(eng, n)
+        log.info("batch 16, mixed")
+        figures["batch16_mixed"] = batch16_mixed(eng, rounds)
+        figures["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    finally:
+        eng.shutdown()
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
