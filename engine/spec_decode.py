@@ -58,6 +58,9 @@ class SpecState:
     draft_seq: Sequence | None = None  # the request's tokens in the draft model's KV pool
     draft_probs: list[Tensor] = field(default_factory=list)  # q per draft (sampling + draft)
     match_len: int = 0  # prompt lookup: n of the n-gram behind the current proposal
+    # Seeded sampling: the generator's state before this round's noise, and that noise.
+    generator_state: Tensor | None = None
+    noise: list[Tensor] = field(default_factory=list)
 
 
 class _AtPosition:
@@ -236,11 +239,10 @@ class Speculator:
             prior = self.priors[key] = Acceptance(acceptance_prior(state.method), weight=0.05)
         return prior
 
-    def _fixed(self, seq: Sequence) -> bool:
-        """Requests whose draft length ignores measured timings: fixed by configuration or by
-        the request, or seeded sampling (a timing-dependent length would change its tokens)."""
-        params = seq.payload.params
-        return not seq.spec.adaptive or (params.seed is not None and not params.greedy)
+    @staticmethod
+    def _fixed(seq: Sequence) -> bool:
+        """Requests whose draft length ignores measured timings (configuration or request)."""
+        return not seq.spec.adaptive
 
     def _choose(self, batch: ScheduledBatch, caps) -> int:
         """The batch's draft length from the speed model (adaptive requests only)."""
@@ -308,12 +310,37 @@ class Speculator:
             view = [_AtPosition(state, seq.draft_ids)]
             row = mask_stop_tokens(apply_penalties(logits[i : i + 1].float().clone(), view), view)
             q = warp_logits(row, [state.params]).softmax(dim=-1)[0]
-            seq.spec.draft_probs.append(q)
-            tokens[i] = sample_draft(q, self._generator(state))
+            if state.generator is not None:  # seeded: the noise the target will use here
+                noise = self._noise(seq, len(seq.draft_ids), q.shape[0])
+                tokens[i] = int((q / noise).argmax())
+            else:
+                seq.spec.draft_probs.append(q)
+                tokens[i] = sample_draft(q, self.generator)
         return tokens
 
-    def _generator(self, state: SamplingState) -> torch.Generator:
-        return state.generator if state.generator is not None else self.generator
+    def _noise(self, seq: Sequence, j: int, vocab: int) -> Tensor:
+        """Exponential noise [V] of the j-th position this round of a seeded request: the draw
+        plain decoding would take from the request's generator for that position."""
+        state: SpecState = seq.spec
+        generator = seq.payload.sampling.generator
+        if state.generator_state is None:
+            state.generator_state = generator.get_state()
+        while len(state.noise) <= j:
+            state.noise.append(_exponential(vocab, generator))
+        return state.noise[j]
+
+    def _rewind(self, seq: Sequence, emitted: int) -> None:
+        """Leave a seeded request's generator as if plain decoding had produced `emitted`
+        tokens: one noise draw per token, whatever was drawn for rejected positions."""
+        state: SpecState = seq.spec
+        if state.generator_state is None:
+            return
+        generator = seq.payload.sampling.generator
+        generator.set_state(state.generator_state)
+        vocab = state.noise[0].shape[0]
+        for _ in range(emitted):
+            _exponential(vocab, generator)
+        state.generator_state, state.noise = None, []
 
     # -- verifying ---------------------------------------------------------------------------
 
@@ -330,9 +357,19 @@ class Speculator:
             tokens = accept_greedy(masked.argmax(dim=-1).tolist(), drafts)
         else:
             p = warp_logits(masked, [state.params] * len(views)).softmax(dim=-1)
-            q = torch.stack(seq.spec.draft_probs) if seq.spec.draft_probs else None
-            tokens = accept_sampled(p, q, drafts, self._generator(state))
+            tokens = self._accept_sampled(seq, p, drafts)
         return tokens, _logprobs(logprobs, tokens, state.params.logprobs)
+
+    def _accept_sampled(self, seq: Sequence, p: Tensor, drafts: list[int]) -> list[int]:
+        """Unseeded: rejection sampling. Seeded: the token at each position is the one plain
+        decoding draws there, argmax(p / E) with the request's own noise E for that position
+        (an exact sample of p); drafts are kept while they equal it. The output then depends
+        on the seed alone, not on how many tokens were speculated in which step."""
+        if seq.payload.sampling.generator is None:
+            q = torch.stack(seq.spec.draft_probs) if seq.spec.draft_probs else None
+            return accept_sampled(p, q, drafts, self.generator)
+        noise = torch.stack([self._noise(seq, j, p.shape[1]) for j in range(len(drafts) + 1)])
+        return accept_greedy((p / noise).argmax(dim=-1).tolist(), drafts)
 
     def settle(self, seq: Sequence, scheduler: Scheduler, emitted: int) -> None:
         """After the worker appended `emitted` tokens: record acceptance, advance the target's
@@ -342,6 +379,7 @@ class Speculator:
         start = seq.num_tokens - emitted  # the verified token's index + 1
         seq.draft_ids = []
         state.draft_probs = []
+        self._rewind(seq, emitted)
         state.acceptance.update(proposed, min(accepted, proposed))
         self._prior(state).update(proposed, min(accepted, proposed))
         self.proposed += proposed
@@ -388,3 +426,9 @@ def _logprobs(
         )
         out.append(TokenLogprob(token_id=token, logprob=chosen[j], top=pairs))
     return out
+
+
+def _exponential(vocab: int, generator: torch.Generator) -> Tensor:
+    """One [V] draw of Exp(1) noise exactly as `Sampler` takes it for a seeded request."""
+    noise = torch.empty(vocab, device=generator.device).exponential_(generator=generator)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

@@ -14,6 +14,7 @@ from engine import (
     SpeculativeConfig,
     SpeculativeOverride,
 )
+from engine.sampling import Sampler
 from tests.engine.tiny_models import make_checkpoint
 
 OFF = SpeculativeOverride(method="off")
@@ -172,11 +173,24 @@ def test_penalties_and_min_tokens_stay_exact_under_speculation(eng):
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(eng):
-    params = SamplingParams(max_tokens=20, temperature=0.8, seed=1234, speculative=DRAFT)
-    a = eng.generate(prompts(3), params, model="tiny-self")
-    b = eng.generate(prompts(3), params, model="tiny-self")
-    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+@pytest.mark.parametrize("model", ["tiny", "tiny-self", "tiny-adaptive"])
+@pytest.mark.parametrize("spec", [DRAFT, NGRAM], ids=["draft", "ngram"])
+def test_seeded_sampling_gives_the_same_tokens_with_and_without_speculation(eng, model, spec):
+    """A seed fixes the noise of every position, so the tokens do not depend on how many were
+    speculated in which step (nor on the batch)."""
+    ps = prompts(4, seed=2)
+
+    def params(s):
+        return [
+            SamplingParams(max_tokens=20, temperature=0.9, seed=100 + i, speculative=s)
+            for i in range(len(ps))
+        ]
+
+    ref = eng.generate(ps, params(OFF), model=model)
+    got = eng.generate(ps, params(spec), model=model)
+    alone = [eng.generate([p], [q], model=model)[0] for p, q in zip(ps, params(spec), strict=True)]
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert [o.token_ids for o in alone] == [o.token_ids for o in ref]
 
 
 def test_requests_with_and_without_speculation_share_a_batch(eng):
@@ -210,13 +224,20 @@ def test_bad_configurations_are_refused(eng, tiny_llama):
     assert "draft model" in str(e.value)
 
 
-def test_sampled_tokens_follow_the_target_distribution_end_to_end(eng):
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection-sampling", "seeded-noise"])
+def test_sampled_tokens_follow_the_target_distribution_end_to_end(eng, seeded):
     """Joint frequencies of three sampled tokens (top_k 3: 27 outcomes) under speculation with a
-    poor draft match the target's exact probabilities (chi-square, p = 0.001)."""
+    poor draft match the target's exact probabilities (chi-square, p = 0.001). Unseeded
+    requests go through rejection sampling, seeded ones through their own noise."""
     prompt = prompts(1, seed=21)[0]
     n = 1500
+    worker = eng._workers["tiny"]
+    worker.speculator.generator.manual_seed(0)  # a fixed draw keeps the test deterministic
+    worker.sampler = Sampler(seed=0)
     params = [
-        SamplingParams(max_tokens=3, temperature=1.5, top_k=3, seed=i, ignore_eos=True)
+        SamplingParams(
+            max_tokens=3, temperature=1.5, top_k=3, seed=i if seeded else None, ignore_eos=True
+        )
         for i in range(n)
     ]
     outs = eng.generate([prompt] * n, params, model="tiny")
