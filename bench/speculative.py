@@ -109,30 +109,42 @@ def one_by_one(eng: Engine, prompts, on: SamplingParams, off: SamplingParams) ->
     }
 
 
-def predicted(eng: Engine, acceptance: float, rounds_before: dict) -> dict:
+def predicted(eng: Engine, before: dict) -> dict:
     """The speedup the formula gives from the measured acceptance and step costs."""
     stats = eng.speculative_stats(TARGET)
-    rounds = stats["rounds"] - rounds_before["rounds"]
-    k = (stats["draft_tokens"] - rounds_before["draft_tokens"]) / max(rounds, 1)
-    speed = eng._worker(TARGET).speculator.speed  # the engine's own measurements
-    decode, verify = speed.decode.predict(1), speed.multi.predict(1 + round(k))
+    rounds = stats["rounds"] - before["rounds"]
+    drafts = stats["draft_tokens"] - before["draft_tokens"]
+    accepted = stats["accepted_tokens"] - before["accepted_tokens"]
+    k = round(drafts / max(rounds, 1))
+    per_round = (accepted + rounds) / max(rounds, 1)  # each round also emits the target's token
+    alpha = _solve_alpha(per_round, k)
+    speed = eng._worker(TARGET).speculator.speed  # the engine's own step-time measurements
+    decode, verify = speed.decode.predict(1), speed.multi.predict(1 + k)
     draft = speed.draft.predict(1) or 0.0
-    tokens = expected_tokens(acceptance, round(k))
-    # Leviathan et al.: E[tokens] / (k c + 1), c = draft / target step cost ...
-    paper = tokens / (round(k) * draft / decode + 1)
-    # ... and with the measured cost of verifying k + 1 tokens instead of one.
-    measured = tokens * decode / (verify + round(k) * draft)
+    tokens = expected_tokens(alpha, k)
     return {
-        "mean_draft_length": round(k, 2),
-        "expected_tokens_per_round": round(tokens, 3),
+        "mean_draft_length": round(drafts / max(rounds, 1), 2),
+        "tokens_per_round": round(per_round, 3),
+        "alpha_per_token": round(alpha, 4),
         "step_ms": {
             "decode": round(decode * 1e3, 2),
             "verify": round(verify * 1e3, 2),
-            "draft": round(draft * 1e3, 2),
+            "draft_forward": round(draft * 1e3, 2),
         },
-        "predicted_speedup_formula": round(paper, 3),
-        "predicted_speedup_measured_costs": round(measured, 3),
+        # Leviathan et al.: E[tokens] / (k c + 1), c = draft forward / target decode step ...
+        "predicted_speedup_formula": round(tokens / (k * draft / decode + 1), 3),
+        # ... and with the measured cost of verifying k + 1 tokens instead of decoding one.
+        "predicted_speedup_measured_costs": round(tokens * decode / (verify + k * draft), 3),
     }
+
+
+def _solve_alpha(per_round: float, k: int) -> float:
+    """The per-token acceptance alpha with expected_tokens(alpha, k) == per_round (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < per_round else (lo, mid)
+    return (lo + hi) / 2
 
 
 def batch1_draft(eng: Engine, n: int) -> dict:
@@ -140,7 +152,7 @@ def batch1_draft(eng: Engine, n: int) -> dict:
     greedy = SamplingParams(max_tokens=128, temperature=0.0)
     before = eng.speculative_stats(TARGET)
     figures = one_by_one(eng, prompts, greedy, _with(greedy, OFF))
-    figures["prediction"] = predicted(eng, figures["acceptance_rate"] or 0.0, before)
+    figures["prediction"] = predicted(eng, before)
     figures["target"] = ">= 1.8x"
     return figures
 
@@ -204,7 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few prompts, for a smoke run")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--num-tokens", type=int, default=6)
+    parser.add_argument("--num-tokens", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     torch.set_num_threads(args.threads)
