@@ -143,7 +143,8 @@ class Speculator:
             and (override is None or override.num_tokens is None),
             acceptance=Acceptance(acceptance_prior(method)),
         )
-        if method == "draft":
+        if method == "draft":  # start from how well the draft has been doing on this model
+            state.acceptance = Acceptance(self._prior(state).rate)
             state.draft_seq = Sequence("draft", [], 0, 0)
         return state
 

@@ -217,7 +217,7 @@ class SpeedModel:
     attention paths. Draft-model time is measured per draft forward by batch size.
     """
 
-    EXPLORE_EVERY = 64  # plain steps between tries of a size never measured
+    EXPLORE_EVERY = 32  # steps between re-measurements of a length not chosen
 
     def __init__(self) -> None:
         self.decode = StepTimer()
@@ -257,12 +257,12 @@ class SpeedModel:
             if rate > best_rate:
                 best_k, best_rate = k, rate
             runner_up = max(runner_up, (rate, k))
-        if best_k == 0:
-            # Loads change: now and then re-measure the most promising length.
-            self._since_explore += 1
-            if self._since_explore >= self.EXPLORE_EVERY:
-                self._since_explore = 0
-                return runner_up[1]
+        # Loads change and single measurements are noisy: now and then re-measure the most
+        # promising other length (one step up when speculating already).
+        self._since_explore += 1
+        if self._since_explore >= self.EXPLORE_EVERY:
+            self._since_explore = 0
+            return runner_up[1] if best_k == 0 else min(best_k + 1, k_max)
         return best_k
 
     def _rate(self, plain, candidates, k: int, drafted: int) -> float | None:
