@@ -146,6 +146,8 @@ class Speculator:
         if method == "draft":  # start from how well the draft has been doing on this model
             state.acceptance = Acceptance(self._prior(state).rate)
             state.draft_seq = Sequence("draft", [], 0, 0)
+        else:  # prompt lookup: judged per match length in `_cap`
+            state.acceptance = Acceptance(0.0, pseudo=0.0)
         return state
 
     def release(self, seq: Sequence) -> None:
@@ -219,8 +221,9 @@ class Speculator:
             cfg = self.config
             lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
             proposal, state.match_len = ngram_match(seq.token_ids, cap, lo, hi)
-            # How often a match of this length pays off here, and for this request.
-            alpha = 0.5 * (alpha + self._prior(state).rate)
+            # How often a match of this length pays off on this model, overruled by the
+            # request's own record as it builds up (its decayed count saturates near 3).
+            alpha = state.acceptance.blend(self._prior(state).rate, pseudo=1.5)
         elif state.method == "draft" and not self._draft_fits(seq, cap):
             cap = 0
         if state.adaptive:

@@ -142,15 +142,20 @@ def expected_tokens(alpha: float, k: int) -> float:
 class Acceptance:
     """A request's running per-token acceptance rate (exponentially weighted)."""
 
-    def __init__(self, prior: float, weight: float = 0.3) -> None:
-        self.accepted, self.trials = prior * 2.0, 2.0  # the prior counts as two tokens
+    def __init__(self, prior: float, weight: float = 0.3, pseudo: float = 2.0) -> None:
+        # The prior counts as `pseudo` tokens (0: none, the evidence alone).
+        self.accepted, self.trials = prior * pseudo, pseudo
         self.weight = weight
         self.total_proposed = self.total_accepted = self.rounds = 0
 
     @property
     def rate(self) -> float:
         """The current estimate of P(a draft token is accepted)."""
-        return self.accepted / self.trials
+        return self.accepted / self.trials if self.trials else 0.0
+
+    def blend(self, prior: float, pseudo: float) -> float:
+        """The rate with `prior` added as `pseudo` tokens of evidence."""
+        return (self.accepted + prior * pseudo) / (self.trials + pseudo)
 
     def update(self, proposed: int, accepted: int) -> None:
         """Record one verification: `accepted` of `proposed` drafts kept."""
