@@ -3,6 +3,7 @@ sizes 1 and 8, rollback of KV blocks, stops inside a draft run, preemption, per-
 and acceptance figures."""
 
 import random
+import threading
 
 import pytest
 
@@ -268,3 +269,27 @@ def exact_joint(eng, prompt, *, temperature, top_k, depth, prefix=()):
         )  # fmt: skip
         out.update({seq: p * q for seq, q in rest.items()})
     return out
+
+
+def test_abort_and_unload_during_speculation_free_both_pools(tiny_llama, tiny_draft):
+    config = SpeculativeConfig(method="draft", draft_model="draft", num_tokens=4, adaptive=False)
+    with Engine() as e:
+        e.load_model("draft", tiny_draft, dtype="float32")
+        e.load_model("t", tiny_llama, dtype="float32", speculative=config)
+        started = threading.Event()
+
+        def sink(delta):
+            if delta.token_ids:
+                started.set()
+
+        params = greedy(DRAFT, max_tokens=400)
+        request_id = e.submit(GenerationRequest(model="t", prompt="a b c", params=params), sink)
+        assert started.wait(10)
+        e.abort(request_id)
+        e.generate(prompts(1), greedy(OFF), model="t")  # the abort has been processed
+        assert e.block_manager("t").num_free == e.model_info("t").num_blocks
+        assert e.block_manager("draft").num_free == e.model_info("draft").num_blocks
+        e.submit(GenerationRequest(model="t", prompt="a b c", params=params), lambda d: None)
+        e.unload_model("t")
+        assert e.block_manager("draft").num_free == e.model_info("draft").num_blocks
+        e.unload_model("draft")  # no longer anyone's draft
