@@ -404,7 +404,10 @@ class Engine:
                 param="max_tokens",
             )
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
-        return Sequence(request_id, ids, len(ids), total)
+        seq = Sequence(request_id, ids, len(ids), total)
+        # Compiled here, in the caller's thread: a bad grammar is the caller's typed error.
+        seq.constraint = worker.constraints.compile(params)
+        return seq
 
     @staticmethod
     def _prompt_ids(worker: ModelWorker, request: GenerationRequest) -> list[int]:

@@ -6,6 +6,7 @@ Each step the engine hands the `Sampler` one logits row per running request. Row
     penalties (repetition / presence / frequency; only rows that set them)
     ─► logprobs are read here: log_softmax after penalties, before everything below
     ─► min_tokens mask (eos and stop_token_ids at -inf until enough tokens exist)
+    ─► grammar mask (constrained rows only: tokens the request's grammar forbids at -inf)
     ─► greedy rows: argmax
     ─► sampling rows: temperature ─► top-k ─► top-p ─► min-p ─► exponential race
 
@@ -17,15 +18,20 @@ vocabulary-sized draw per sampled step, so its tokens do not depend on the rest 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import torch
 
 from engine.errors import InvalidRequestError
 from engine.spec_config import SpeculativeOverride
+
+if TYPE_CHECKING:
+    from engine.constraints import TokenConstraint
 
 MAX_LOGPROBS = 20
 # Below this temperature logits / T overflows float32; such requests are decoded greedily.
@@ -54,6 +60,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     skip_special_tokens: bool = True
     # Speculative decoding for this request instead of the model's configuration.
     speculative: SpeculativeOverride | None = None
+    # Constrained decoding (engine/constraints.py); at most one of these is set.
+    grammar: str | None = None  # Lark grammar, llguidance dialect
+    json_schema: str | None = None  # JSON text of the schema
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
 
     def validate(self, max_model_len: int | None = None) -> None:
         """Raise `InvalidRequestError` naming the first parameter that is out of range."""
@@ -61,6 +72,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             if not is_valid(self):
                 value = getattr(self, param)
                 raise InvalidRequestError(f"{param} {rule}, got {value!r}", param=param)
+        _validate_constraint(self)
         if max_model_len is not None and self.max_tokens > max_model_len:
             raise InvalidRequestError(
                 f"max_tokens must be at most the model's context length {max_model_len}, "
@@ -109,6 +121,36 @@ _CHECKS: tuple[tuple[str, Callable[[SamplingParams], bool], str], ...] = (
 )
 
 
+def _validate_constraint(params: SamplingParams) -> None:
+    """At most one constraint; a JSON schema is a JSON object; choices are non-empty strings."""
+    given = [
+        name
+        for name in ("grammar", "json_schema", "regex", "choice")
+        if getattr(params, name) not in (None, ())
+    ]
+    if len(given) > 1:
+        raise InvalidRequestError(
+            f"give at most one of grammar, json_schema, regex and choice, got {', '.join(given)}",
+            param=given[1],
+        )
+    for name in ("grammar", "regex"):
+        if getattr(params, name) == "":
+            raise InvalidRequestError(f"{name} must not be empty", param=name)
+    if params.choice and not all(params.choice):
+        raise InvalidRequestError("choice must not contain an empty string", param="choice")
+    if params.json_schema is not None:
+        try:
+            schema = json.loads(params.json_schema)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(
+                f"json_schema is not valid JSON: {e}", param="json_schema"
+            ) from None
+        if not isinstance(schema, dict | bool):
+            raise InvalidRequestError(
+                "json_schema must be a JSON object (a JSON schema)", param="json_schema"
+            )
+
+
 class SamplingState:
     """Sampling state of one request: its tokens so far and its own random generator."""
 
@@ -118,8 +160,11 @@ class SamplingState:
         prompt_token_ids: list[int],
         eos_token_ids: tuple[int, ...] = (),
         device: str | torch.device = "cpu",
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self.params = params
+        # The grammar state (engine/constraints.py) shared with Sequence.constraint, or None.
+        self.constraint = constraint
         self.prompt_token_ids = list(prompt_token_ids)
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(device)
@@ -245,6 +290,25 @@ def mask_stop_tokens(logits: torch.Tensor, states: Sequence[SamplingState]) -> t
     return logits
 
 
+def mask_constrained(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """Set the tokens a row's grammar forbids to -inf; only constrained rows pay for a mask."""
+    # getattr: state views without a grammar (speculative verification's) may come here too.
+    rows = [i for i, s in enumerate(states) if getattr(s, "constraint", None) is not None]
+    if not rows:
+        return logits
+    width = logits.shape[1]
+    allowed = torch.stack([_fit_mask(states[i].constraint.allowed(), width) for i in rows])
+    allowed = allowed.to(logits.device, non_blocking=True)
+    return _on_rows(logits, rows, lambda sub: sub.masked_fill_(~allowed, -math.inf))
+
+
+def _fit_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A grammar mask cut or padded (with False) to the logits' width."""
+    if mask.shape[0] >= width:
+        return mask[:width]
+    return torch.cat([mask, mask.new_zeros(width - mask.shape[0])])
+
+
 def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Apply temperature, top-k, top-p and min-p (in this order, as HF does) to sampling rows.
 
@@ -322,10 +386,11 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
     """The logits a `Sampler` draws from, as a new float32 tensor [N, V].
 
-    Penalties and the min_tokens mask apply to every row; temperature / top-k / top-p / min-p
+    Penalties, the min_tokens mask and grammar masks apply to every row; temperature / top-k / top-p / min-p
     only to sampling rows. softmax of a sampling row is its exact sampling distribution.
     """
     logits = mask_stop_tokens(apply_penalties(_float_copy(logits), states), states)
+    logits = mask_constrained(logits, states)
     rows = [i for i, s in enumerate(states) if not s.params.greedy]
     return _on_rows(logits, rows, lambda sub: warp_logits(sub, [states[i].params for i in rows]))
 
@@ -379,7 +444,8 @@ class Sampler:
             )
         logits = apply_penalties(_float_copy(logits), states)
         logprob_rows, logprobs = _raw_logprobs(logits, states)
-        tokens = self._choose(mask_stop_tokens(logits, states), states)
+        logits = mask_constrained(mask_stop_tokens(logits, states), states)
+        tokens = self._choose(logits, states)
         token_ids = tokens.tolist()
         return token_ids, _gather_logprobs(tokens, token_ids, logprob_rows, logprobs, states)
 

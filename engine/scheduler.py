@@ -49,6 +49,7 @@ class Sequence:
     spec: Any = None  # speculative decoding state (engine.spec_decode.SpecState) or None
     # Guessed tokens verified in this step after the last token; never part of token_ids.
     draft_ids: list[int] = field(default_factory=list)
+    constraint: Any = None  # engine.constraints.TokenConstraint of a constrained request
     _hashes: list[bytes] = field(default_factory=list)
 
     @property

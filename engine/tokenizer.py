@@ -96,6 +96,10 @@ class Tokenizer:
         """Text of `ids`; an incomplete UTF-8 sequence decodes to U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` serialization (tokenizer.json text); grammar engines read the vocab."""
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry, or None when the vocabulary lacks it."""
         return self._backend.token_to_id(token)

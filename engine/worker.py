@@ -13,6 +13,7 @@ import torch
 
 from engine.adapters import AdapterManager
 from engine.config import ModelArgs
+from engine.constraints import ConstraintCompiler
 from engine.kv_cache import BlockManager, KVCache
 from engine.model import Transformer
 from engine.outputs import StreamDelta
@@ -86,6 +87,7 @@ class ModelWorker:
         # Configured by `Engine.load_model(speculative=...)`; without a configuration it serves
         # requests that ask for prompt lookup themselves.
         self.speculator = Speculator(self, None)
+        self.constraints = ConstraintCompiler(tokenizer, args.vocab_size, self.eos_token_ids)
 
     def _pin(self, seq: Sequence) -> bool:
         if seq.adapter is None:
@@ -116,7 +118,9 @@ class ModelWorker:
         prompt = seq.token_ids[: seq.num_prompt_tokens]
         seq.payload = RequestState(
             params=params,
-            sampling=SamplingState(params, prompt, self.eos_token_ids, device=self.device),
+            sampling=SamplingState(
+                params, prompt, self.eos_token_ids, device=self.device, constraint=seq.constraint
+            ),
             detok=self.tokenizer.detokenizer(prompt, params.skip_special_tokens),
             sink=sink,
         )
@@ -206,12 +210,27 @@ class ModelWorker:
         state.text += state.detok.add(token)
         if self._match_stop_string(state, start):
             return "stop"
+        if seq.constraint is not None and self._grammar_complete(seq, token):
+            self._flush(state)
+            return "stop"
         if (
             seq.num_output_tokens >= state.params.max_tokens
             or seq.num_tokens >= seq.max_total_tokens
         ):
             return "stop" if self._flush(state) else "length"
         return None
+
+    @staticmethod
+    def _grammar_complete(seq: Sequence, token: int) -> bool:
+        """Advance the request's grammar; True once nothing more may follow.
+
+        The sampler only lets allowed tokens through, so a refusal means the grammar's state
+        and the tokens diverged (it cannot happen through `step`); the request ends there.
+        """
+        if not seq.constraint.advance(token):
+            log.warning("request %s: token %d outside its grammar", seq.request_id, token)
+            return True
+        return seq.constraint.done()
 
     def _flush(self, state: RequestState) -> bool:
         """Emit text the detokenizer held back; True if it completes a stop string."""

@@ -1,0 +1,163 @@
+"""Grammar-constrained decoding: the token masks of the engine's admissibility gate.
+
+A request may restrict its output to a Lark grammar, a JSON schema, a regular expression or a
+fixed list of choices (`SamplingParams.grammar / json_schema / regex / choice`). The engine
+compiles that into a `TokenConstraint` per sequence, backed by llguidance (a Rust parser that
+computes, from the tokenizer's byte strings, which next tokens keep the output inside the
+grammar):
+
+    params ─► ConstraintCompiler.compile (once per request; bad grammar -> InvalidRequestError)
+           ─► TokenConstraint on Sequence.constraint
+    each step: Sampler masks the row with allowed() ─► choose ─► worker calls advance(token)
+
+EOS is in the mask only where the grammar accepts, and the worker ends the request as soon as
+`done()` says nothing more may follow, so a constrained output always parses. `rollback`
+undoes tokens for speculative decoding (drafts checked with `advance`, rejected ones undone).
+
+    >>> from engine.sampling import SamplingParams
+    >>> grammar_source(SamplingParams(choice=("yes", "no")))
+    ('lark', 'start: "yes" | "no"')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import llguidance
+import numpy as np
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engine.sampling import SamplingParams
+
+# The parameters that constrain the output, in the order the error message names them.
+CONSTRAINT_PARAMS = ("grammar", "json_schema", "regex", "choice")
+# JSON in the layout of Python's json.dumps, which models mostly saw in training; free
+# whitespace lets a weak model emit blanks until max_tokens. A schema's "x-guidance" overrides.
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Grammars come from the network: bound the work one request may ask of the parser.
+_LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, step_lexer_fuel=2_000_000)
+
+
+def grammar_source(params: SamplingParams) -> tuple[str, str] | None:
+    """The (format, text) of the request's constraint, or None when the output is free."""
+    if params.grammar is not None:
+        return "lark", params.grammar
+    if params.json_schema is not None:
+        return "json_schema", params.json_schema
+    if params.regex is not None:
+        return "regex", params.regex
+    if params.choice:
+        return "lark", "start: " + " | ".join(json.dumps(c) for c in params.choice)
+    return None
+
+
+def _llguidance_grammar(kind: str, text: str) -> str:
+    if kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(text)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(text)
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_LAYOUT)
+    except ValueError as e:
+        raise InvalidRequestError(
+            f"json_schema is not a JSON object: {e}", param="json_schema"
+        ) from None
+
+
+class TokenConstraint:
+    """The grammar state of one sequence: which next tokens are allowed, and the tokens so far."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+        self._matcher = matcher
+        self.vocab_size = vocab_size
+        self._mask: torch.Tensor | None = None  # cached until the state changes
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [vocab_size] mask of the tokens that may come next (EOS only where accepting)."""
+        if self._mask is None:
+            bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+            unpacked = np.unpackbits(bits, bitorder="little")[: self.vocab_size]
+            self._mask = torch.from_numpy(unpacked.astype(np.bool_))
+        return self._mask
+
+    def advance(self, token_id: int) -> bool:
+        """Consume a token; False (and the state unchanged) when the grammar does not allow it."""
+        if self._matcher.validate_tokens([token_id]) != 1:
+            return False
+        self._mask = None
+        return self._matcher.consume_token(token_id)
+
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` advanced tokens."""
+        if n > 0:
+            self._mask = None
+            self._matcher.rollback(n)
+
+    def accepting(self) -> bool:
+        """True when the output so far is a complete sentence of the grammar."""
+        return self._matcher.is_accepting()
+
+    def done(self) -> bool:
+        """True when the grammar accepts and no further token may follow."""
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    @property
+    def error(self) -> str:
+        """The parser's error message, empty while the state is valid."""
+        return self._matcher.get_error()
+
+
+class ConstraintCompiler:
+    """Builds `TokenConstraint`s for one model; the tokenizer bridge is built once, lazily."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        # The logits may be wider than the tokenizer (padded heads): masks cover the logits.
+        self.vocab_size = max(vocab_size, tokenizer.vocab_size)
+        self._eos = list(eos_token_ids)
+        self._bridge: llguidance.LLTokenizer | None = None
+
+    @property
+    def bridge(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the tokenizer (byte string per token id), cached."""
+        if self._bridge is None:
+            self._bridge = llguidance.LLTokenizer(
+                self._tokenizer.backend_json(),
+                n_vocab=self.vocab_size,
+                eos_token=self._eos or None,
+            )
+        return self._bridge
+
+    def compile(self, params: SamplingParams) -> TokenConstraint | None:
+        """The request's constraint, or None; raises `InvalidRequestError` for a bad grammar."""
+        source = grammar_source(params)
+        if source is None:
+            return None
+        kind, text = source
+        param = _param_of(params)
+        grammar = _llguidance_grammar(kind, text)
+        matcher = llguidance.LLMatcher(self.bridge, grammar, log_level=0, limits=_LIMITS)
+        if matcher.is_error():
+            raise InvalidRequestError(
+                f"{param} is not a valid {_DESCRIPTION[param]}: {matcher.get_error().strip()}",
+                param=param,
+            )
+        return TokenConstraint(matcher, self.vocab_size)
+
+
+_DESCRIPTION = {
+    "grammar": "Lark grammar",
+    "json_schema": "JSON schema",
+    "regex": "regular expression",
+    "choice": "list of choices",
+}
+
+
+def _param_of(params: SamplingParams) -> str:
+    return next(p for p in CONSTRAINT_PARAMS if getattr(params, p) not in (None, ()))

@@ -1,0 +1,155 @@
+"""Grammar-constrained decoding on a tiny random checkpoint: the masks really restrict the output
+(regex, choice, JSON schema, Lark), free rows batched with constrained ones are unchanged,
+rollback restores the state, and bad constraints are typed errors naming the parameter."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from engine import Engine, InvalidRequestError, SamplingParams
+from engine.sampling import Sampler, SamplingState
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "year": {"type": "integer"},
+        "kind": {"enum": ["river", "mountain"]},
+    },
+    "required": ["city", "year", "kind"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_llama):
+    with Engine() as e:
+        e.load_model("tiny", tiny_llama, dtype="float32")
+        yield e
+
+
+def _one(eng, params: SamplingParams, prompt: str = "The answer is"):
+    return eng.generate([prompt], params, model="tiny")[0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_regex_forces_the_output(eng, temperature):
+    params = SamplingParams(
+        max_tokens=30, temperature=temperature, seed=3, regex=r"[0-9]{3}-[a-z]{2}"
+    )
+    out = _one(eng, params)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", out.text), out.text
+    assert out.finish_reason == "stop"  # ended by the grammar, not by max_tokens
+
+
+def test_free_output_of_the_same_prompt_breaks_the_regex(eng):
+    # Guards the test above: the random model does not produce the pattern on its own.
+    out = _one(eng, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert not re.fullmatch(r"[0-9]{3}-[a-z]{2}", out.text)
+
+
+def test_choice_picks_one_of_the_choices_under_sampling(eng):
+    choices = ("billing", "outage", "other thing")
+    for seed in range(4):
+        out = _one(eng, SamplingParams(max_tokens=10, temperature=1.0, seed=seed, choice=choices))
+        assert out.text in choices
+
+
+def test_json_schema_output_parses_and_validates(eng):
+    params = SamplingParams(max_tokens=60, temperature=0.0, json_schema=json.dumps(SCHEMA))
+    out = _one(eng, params)
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert out.finish_reason == "stop"
+
+
+def test_lark_grammar_output_is_a_sentence(eng):
+    grammar = 'start: "add(" NUM ", " NUM ")"\nNUM: /[1-9][0-9]{0,2}/'
+    out = _one(eng, SamplingParams(max_tokens=20, temperature=0.7, seed=1, grammar=grammar))
+    assert re.fullmatch(r"add\([1-9][0-9]{0,2}, [1-9][0-9]{0,2}\)", out.text), out.text
+
+
+def test_free_rows_are_unchanged_when_batched_with_constrained_rows(eng):
+    free = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = ["Once upon a time", "The river", "Numbers: 1 2 3"]
+    alone = [o.text for o in eng.generate(prompts, free, model="tiny")]
+    constrained = SamplingParams(max_tokens=10, temperature=0.0, regex=r"[a-z]{1,8}")
+    requests = [(p, free) for p in prompts] + [(p, constrained) for p in prompts]
+    mixed = _generate_mixed(eng, requests)
+    assert mixed[:3] == alone
+    assert all(re.fullmatch(r"[a-z]{1,8}", t) for t in mixed[3:])
+
+
+def _generate_mixed(eng, requests):
+    """Submit requests with different params together (one batch) and collect the texts."""
+    import threading
+
+    from engine import GenerationRequest
+
+    texts = [""] * len(requests)
+    done = threading.Event()
+    left = [len(requests)]
+    lock = threading.Lock()
+
+    def sink_for(i):
+        def sink(delta):
+            texts[i] += delta.text
+            if delta.finished:
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+        return sink
+
+    for i, (prompt, params) in enumerate(requests):
+        eng.submit(GenerationRequest(model="tiny", prompt=prompt, params=params), sink_for(i))
+    assert done.wait(60)
+    return texts
+
+
+def test_sampler_mask_restricts_greedy_rows_only_where_constrained(eng):
+    compiler = eng._worker("tiny").constraints
+    tok = eng.tokenizer("tiny")
+    constraint = compiler.compile(SamplingParams(choice=("7",)))
+    seven = tok.encode("7", add_special_tokens=False)[0]
+    params = SamplingParams(temperature=0.0)
+    states = [SamplingState(params, [1]), SamplingState(params, [1], constraint=constraint)]
+    logits = torch.zeros(2, compiler.vocab_size)
+    logits[:, 11] = 5.0  # the unconstrained favourite
+    tokens, _ = Sampler()(logits, states)
+    assert tokens == [11, seven]
+
+
+def test_advance_refuses_a_forbidden_token_and_rollback_restores(eng):
+    compiler = eng._worker("tiny").constraints
+    tok = eng.tokenizer("tiny")
+    constraint = compiler.compile(SamplingParams(regex=r"ab[0-9]"))
+    first = constraint.allowed().clone()
+    ids = tok.encode("ab", add_special_tokens=False)
+    letter_z = tok.encode("z", add_special_tokens=False)[0]
+    assert not constraint.advance(letter_z)
+    assert all(constraint.advance(t) for t in ids)
+    assert not constraint.accepting()
+    constraint.rollback(len(ids))
+    assert torch.equal(constraint.allowed(), first)
+    assert constraint.advance(ids[0])
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        (SamplingParams(grammar="start: ("), "grammar"),
+        (SamplingParams(regex="[a-"), "regex"),
+        (SamplingParams(json_schema="{not json"), "json_schema"),
+        (SamplingParams(json_schema="[1, 2]"), "json_schema"),
+        (SamplingParams(regex="a", choice=("a",)), "choice"),
+        (SamplingParams(choice=("a", "")), "choice"),
+    ],
+)
+def test_bad_constraints_are_typed_errors(eng, params, param):
+    with pytest.raises(InvalidRequestError) as info:
+        eng.generate(["x"], params, model="tiny")
+    assert info.value.param == param
