@@ -30,12 +30,23 @@ The grammar (EBNF; spaces around `=` and after `,` are optional, blank lines are
     {'expression': '150 * 2'}
     >>> format_plan(plan) == '1. kb.lookup(entity="Ukel", field="height_m")\\n2. join()'
     True
+
+For constrained decoding, `plan_grammar(tools, names=...)` writes the same grammar in Lark
+(llguidance dialect) with the line numbers and `$K` ranges spelled out per line, tool names
+limited to `tools` and, when `names` are given, the `entity` arguments limited to those names
+(or a `$K` reference); `question_names` picks the candidate names out of a question.
+
+    >>> "kb.lookup" in plan_grammar(["kb.lookup", "calc"], names=["Ukel"])
+    True
+    >>> question_names("If Zarnoth's population grew 20% and Velmora's shrank, which is larger?")
+    ('Zarnoth', 'Velmora')
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -204,3 +215,77 @@ def parse_line(n: int, line: str) -> PlanStep:
 def has_grammar() -> bool:
     """Whether this build can constrain decoding to the plan grammar (`plan_grammar`)."""
     return callable(globals().get("plan_grammar"))
+
+
+# -- the grammar for constrained decoding ------------------------------------------------------
+
+# Arguments that name an entity: restricted to the question's names when those are given.
+ENTITY_ARGS = ("entity",)
+_STRING = r'/"([^"\\\n]|\\.)*"/'
+_NUMBER_RE = r"/-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?/"
+_CAPITALISED = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:[-'][A-Z][A-Za-z0-9]*)*")
+_SENTENCE_START = re.compile(r"(?:^|[.?!]\s+)([A-Z][A-Za-z0-9]*)")
+
+
+def plan_grammar(
+    tools: Sequence[str], *, names: Sequence[str] = (), max_steps: int = MAX_STEPS
+) -> str:
+    """The Lark grammar (llguidance dialect) of a plan calling only `tools`.
+
+    Line n is `n. call` or `n. join()`, so numbering is exact; a `$K` on line n has 1 <= K < n.
+    With `names`, an `entity` argument is one of those names as a JSON string, or a `$K`.
+    """
+    if not tools:
+        raise ValueError("plan_grammar needs at least one tool")
+    rules = [
+        "start: line1",
+        "tool: " + " | ".join(json.dumps(t) for t in sorted(set(tools))),
+        'sep: "," " "?',
+        'eq: " "? "=" " "?',
+        f"STRING: {_STRING}",
+        f"NUMBER: {_NUMBER_RE}",
+        # With names, the free-argument branch must not accept an entity argument too.
+        "NAME: /[A-Za-z_][A-Za-z0-9_]*/" + (f" & ~/{'|'.join(ENTITY_ARGS)}/" if names else ""),
+        'literal: STRING | NUMBER | "true" | "false" | "null"',
+    ]
+    entity = (
+        " | ".join(json.dumps(json.dumps(n, ensure_ascii=False)) for n in dict.fromkeys(names))
+        if names
+        else "STRING"
+    )
+    for n in range(1, max_steps + 2):
+        rules.extend(_line_rules(n, entity, last=n == max_steps + 1))
+    return "\n".join(rules) + "\n"
+
+
+def _line_rules(n: int, entity: str, *, last: bool) -> list[str]:
+    """Rules of line n: its number, a call whose references stay below n, or join()."""
+    join = f'"{n}. {JOIN}()" "\\n"?'
+    if last:
+        return [f"line{n}: {join}"]
+    refs = " | ".join(f'"${k}"' for k in range(1, n))
+    value = f"literal | ref{n}" if refs else "literal"
+    entity_value = f"{entity} | ref{n}" if refs else entity
+    rules = [
+        f'line{n}: "{n}. " call{n} "\\n" line{n + 1} | {join}',
+        f'call{n}: tool "(" (arg{n} (sep arg{n})*)? ")"',
+        f"arg{n}: "
+        + " | ".join(f'"{a}" eq ({entity_value})' for a in ENTITY_ARGS)
+        + f" | NAME eq ({value})",
+    ]
+    if refs:
+        rules.append(f"ref{n}: {refs}")
+    return rules
+
+
+def question_names(question: str) -> tuple[str, ...]:
+    """Capitalised words of the question (possessive 's dropped), in order, without repeats.
+
+    A sentence's first word counts only when it also occurs elsewhere: questions start with
+    "What", "If", "Suppose" far more often than with a name.
+    """
+    starts = [m.start(1) for m in _SENTENCE_START.finditer(question)]
+    found: dict[str, list[int]] = {}
+    for m in _CAPITALISED.finditer(question):
+        found.setdefault(m[0], []).append(m.start())
+    return tuple(word for word, at in found.items() if any(i not in starts for i in at))
