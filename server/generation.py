@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -121,12 +122,48 @@ def choice_params(
         seed=req.seed,
         speculative=req.speculative,
         **{k: v for k, v in optional.items() if v is not None},
+        **constraint_fields(req),
     )
     base.validate(info.max_model_len)
     # Choice i gets seed + i: with one shared seed every choice would be the same text.
     return [
         base if req.seed is None or i == 0 else _with_seed(base, req.seed + i) for i in range(req.n)
     ]
+
+
+def constraint_fields(req: SamplingFields) -> dict[str, Any]:
+    """The SamplingParams constraint of a request: its guided_* field or JSON response_format."""
+    given = {
+        "json_schema": _json_text(req.guided_json),
+        "regex": req.guided_regex,
+        "choice": tuple(req.guided_choice) if req.guided_choice else None,
+        "grammar": req.guided_grammar,
+    }
+    response_format = getattr(req, "response_format", None)
+    if response_format is not None and response_format.type != "text":
+        if given["json_schema"] is not None:
+            raise InvalidRequestError(
+                "give guided_json or a JSON response_format, not both", param="response_format"
+            )
+        given["json_schema"] = _response_schema(response_format)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _json_text(schema: dict[str, Any] | str | None) -> str | None:
+    return schema if schema is None or isinstance(schema, str) else json.dumps(schema)
+
+
+def _response_schema(response_format: Any) -> str:
+    """JSON text of the schema a json_object / json_schema response_format asks for."""
+    if response_format.type == "json_object":
+        return '{"type": "object"}'
+    spec = response_format.json_schema
+    if spec is None or spec.schema is None:
+        raise InvalidRequestError(
+            "response_format of type json_schema needs json_schema.schema",
+            param="response_format.json_schema",
+        )
+    return json.dumps(spec.schema)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -97,9 +97,6 @@ def _check_completion_fields(req: CompletionRequest) -> None:
 
 def _check_chat_fields(req: ChatCompletionRequest) -> None:
     _reject(bool(req.tools), "tools")
-    _reject(
-        req.response_format is not None and req.response_format.type != "text", "response_format"
-    )
     _reject(bool(req.logit_bias), "logit_bias")
     for i, message in enumerate(req.messages):
         # Only an assistant message may come without content (when it carries tool calls).

@@ -56,6 +56,11 @@ class SamplingFields(Struct, kw_only=True):
     skip_special_tokens: bool = True
     # compound extension: speculative decoding for this request, e.g. {"method": "ngram"}
     speculative: SpeculativeOverride | None = None
+    # constrained decoding (vLLM names); at most one, and not with a JSON response_format
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Meta(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -84,10 +89,20 @@ class ChatMessage(Struct, kw_only=True):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ResponseFormat(Struct, kw_only=True):
-    """`response_format`; only plain text for now."""
+class JsonSchemaFormat(Struct, kw_only=True):
+    """`response_format.json_schema`: the schema the reply must match (always enforced)."""
 
-    type: str = "text"
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    """`response_format`: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class CompoundChatOptions(Struct, kw_only=True, forbid_unknown_fields=True):
