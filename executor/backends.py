@@ -41,6 +41,10 @@ class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
     stop: list[str] = []
     seed: int | None = None
     grammar: str | None = None  # Lark grammar the output must match (constrained decoding)
+    # Output constraints a backend enforces while decoding, when it can (the engine does);
+    # the executor still checks the output afterwards, so a backend may ignore them.
+    choice: list[str] = []
+    json_schema: dict[str, Any] | None = None
 
 
 class ModelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,19 +133,17 @@ class EngineBackend:
         # Imported here: the executor package must load without torch (fast CLI validate).
         from engine import GenerationRequest, SamplingParams
 
-        constraint = {"grammar": call.grammar} if call.grammar is not None else {}
-        try:
-            params = SamplingParams(
-                max_tokens=call.max_tokens,
-                temperature=call.temperature,
-                top_p=call.top_p,
-                top_k=call.top_k,
-                seed=call.seed,
-                stop=tuple(call.stop),
-                **constraint,
-            )
-        except TypeError as e:  # an engine built without constrained decoding
-            raise BackendError(f"engine model {call.target!r}: {e}") from e
+        params = SamplingParams(
+            max_tokens=call.max_tokens,
+            temperature=call.temperature,
+            top_p=call.top_p,
+            top_k=call.top_k,
+            seed=call.seed,
+            stop=tuple(call.stop),
+            grammar=call.grammar,
+            choice=tuple(call.choice),
+            json_schema=None if call.json_schema is None else json.dumps(call.json_schema),
+        )
         if call.messages is None:
             return GenerationRequest(model=call.target, prompt=call.prompt or "", params=params)
         try:

@@ -89,7 +89,13 @@ async def generate(
     ctx: RunContext, env: Env, run: StepRun, scope: dict[str, Any], variant: Fallback | None
 ) -> Any:
     """A model call; the output is the text, checked against `output` / `output_schema`."""
-    call = model_call(run.step.generate, scope, models=env.models, variant=variant)
+    call = model_call(
+        run.step.generate,
+        scope,
+        models=env.models,
+        variant=variant,
+        constraint=output_constraint(run.step),
+    )
     run.tally.model = call.target
 
     async def compute() -> ModelResult:
@@ -236,10 +242,34 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 # -- calls and outputs -------------------------------------------------------------------------
 
 
+def output_constraint(step: Step) -> dict[str, Any]:
+    """What the backend should enforce while decoding: the `output` enum or the JSON schema.
+
+    `{enum: [...]}` becomes a choice of the members' text (what `check_output` compares),
+    `{type: json}` any JSON value, `output_schema` that schema.
+    """
+    constraint = step.output or {}
+    if "enum" in constraint:
+        return {"choice": [str(c) for c in constraint["enum"]]}
+    if step.output_schema is not None:
+        return {"json_schema": step.output_schema}
+    if constraint.get("type") == "json":
+        return {"json_schema": {}}
+    return {}
+
+
 def model_call(
-    gen: Generate, scope: dict[str, Any], *, models: Mapping[str, str], variant: Fallback | None
+    gen: Generate,
+    scope: dict[str, Any],
+    *,
+    models: Mapping[str, str],
+    variant: Fallback | None,
+    constraint: Mapping[str, Any] | None = None,
 ) -> ModelCall:
-    """Render a `generate` spec into a call; a fallback swaps the model alias or `max_tokens`."""
+    """Render a `generate` spec into a call; a fallback swaps the model alias or `max_tokens`.
+
+    `constraint` (from `output_constraint`) rides along for backends that decode under it.
+    """
     alias = variant.model if variant is not None and variant.model else gen.model
     if alias not in models:
         raise OperatorError(f"model alias {alias!r} is not declared in the pipeline's models")
@@ -257,6 +287,7 @@ def model_call(
         top_k=gen.top_k,
         stop=list(gen.stop),
         seed=gen.seed,
+        **(constraint or {}),
     )
 
 

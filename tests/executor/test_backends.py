@@ -3,6 +3,8 @@ server on a loopback port (uvicorn in a thread, from the server tests' fixtures)
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 
@@ -158,3 +160,40 @@ async def test_execute_a_pipeline_on_the_engine(engine: RecordingEngine) -> None
     assert deltas == finished["a"].output == result.outputs["a"]
     assert finished["b"].model == MODEL and finished["b"].tokens > 0
     assert result.tokens == finished["a"].tokens + finished["b"].tokens
+
+
+async def test_engine_enforces_a_steps_enum_and_output_schema(engine: RecordingEngine) -> None:
+    # The tiny random model never writes these on its own: only decoding under the step's
+    # constraint lets the executor's output check pass.
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    spec = {
+        "name": "constrained",
+        "models": {"m": MODEL},
+        "steps": {
+            "intent": {
+                "generate": {"model": "m", "prompt": "the model", "max_tokens": 8},
+                "output": {"enum": ["billing", "outage", "other thing"]},
+            },
+            "fields": {
+                "generate": {"model": "m", "prompt": "the model", "max_tokens": 30},
+                "output_schema": schema,
+            },
+        },
+        "outputs": {"intent": "{{ steps.intent.output }}", "n": "{{ steps.fields.output.n }}"},
+    }
+    plan = compile_spec(msgspec.convert(spec, PipelineSpec), catalog=Catalog(models={MODEL}))
+    result = await execute(
+        plan,
+        {},
+        backends=Backends([EngineBackend(engine)]),
+        tools=ToolRegistry(),
+        emit=lambda e: None,
+    )
+    assert result.status == "succeeded", result.error
+    assert result.outputs["intent"] in ("billing", "outage", "other thing")
+    assert re.fullmatch(r"-?[0-9]+", str(result.outputs["n"]))  # an integer came back
