@@ -1,6 +1,6 @@
 """Held-out accuracy of the demo zoo through the engine (greedy), and draft acceptance.
 
-    python bench/demo_eval.py [--models models] [--limit 200]
+    python bench/demo_eval.py [--models models] [--limit 200] [--constrained off|on|both]
 
 Prints one JSON object. Per model (demo-base, demo-large, each adapter merged into demo-base):
 router accuracy, extract exact match (parsed JSON equal), planner parse rate / exact match /
@@ -8,6 +8,11 @@ execution accuracy (the plan, run with kb.lookup and calc over the world, gives 
 final value), joiner accuracy (answer equal given the gold tool results). Draft acceptance is
 measured offline: demo-large's greedy answers are scored by demo-draft in one forward pass, and
 each 4-token window accepts the draft's greedy tokens up to the first disagreement.
+
+`--constrained on` decodes through the engine's grammar constraints
+(`models/task_constraints.py`: router choice, extract JSON schema with strings from the record,
+planner plan grammar with the question's names, joiner choice of cited spans); `both` reports
+free and constrained figures side by side (keys `<model>` and `<model>+constrained`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 
 from engine import Engine, SamplingParams
 from models import tasks
+from models.task_constraints import task_constraint
 from models.tokenizer_train import render_chat
 from planner.plan_format import PlanSyntaxError, parse_plan
 from tools.errors import ToolError
@@ -38,7 +44,10 @@ def read_heldout(data: Path, task: str, limit: int) -> list[tasks.Example]:
     """The first `limit` held-out examples of a task."""
     from models.zoo import read_jsonl
 
-    return read_jsonl(data / f"{task}.heldout.jsonl")[:limit]
+    file = data / f"{task}.heldout.jsonl"
+    if not file.is_file():  # not built here: the same examples, generated from the same seed
+        return tasks.generate(task, "heldout", limit, generate_world(0))
+    return read_jsonl(file)[:limit]
 
 
 def prompt_ids(engine: Engine, model: str, example: tasks.Example) -> list[int]:
@@ -47,10 +56,24 @@ def prompt_ids(engine: Engine, model: str, example: tasks.Example) -> list[int]:
     return engine.tokenizer(model).encode(text, add_special_tokens=False)
 
 
-def generate(engine: Engine, model: str, examples: list[tasks.Example], task: str) -> list[str]:
-    """Greedy answers, in order."""
+def generate(
+    engine: Engine,
+    model: str,
+    examples: list[tasks.Example],
+    task: str,
+    *,
+    constrained: bool = False,
+) -> list[str]:
+    """Greedy answers, in order; constrained by the task's grammar when asked."""
     prompts = [prompt_ids(engine, model, e) for e in examples]
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[task])
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=MAX_TOKENS[task],
+            **(task_constraint(task, e.user) if constrained else {}),
+        )
+        for e in examples
+    ]
     return [o.text.strip() for o in engine.generate(prompts, params, model=model)]
 
 
@@ -111,14 +134,21 @@ def _mean(xs: list[bool]) -> float:
 
 
 def evaluate_model(
-    engine: Engine, model: str, data: Path, limit: int, world: World, *, only=None
+    engine: Engine,
+    model: str,
+    data: Path,
+    limit: int,
+    world: World,
+    *,
+    only=None,
+    constrained: bool = False,
 ) -> dict:
     """Every task's figures (or just `only`) for one loaded model."""
     figures = {}
     for task in only or tasks.TASKS:
         examples = read_heldout(data, task, limit)
         t0 = time.perf_counter()
-        answers = generate(engine, model, examples, task)
+        answers = generate(engine, model, examples, task, constrained=constrained)
         figures[task] = {
             **score(task, examples, answers, world),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -168,33 +198,78 @@ def _windows(engine: Engine, draft: str, prompt: list[int], answer: list[int]) -
     return accepted, drafted
 
 
-def evaluate_zoo(models: Path, data: Path, merged: Path, limit: int = 200) -> dict:
-    """Figures for the base, large, draft and adapter models under `models`."""
-    from models.finetune import merge_adapter
+MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
+
+def evaluate_zoo(
+    models: Path,
+    data: Path,
+    merged: Path,
+    limit: int = 200,
+    *,
+    constrained: str = "off",
+    adapters_only: bool = False,
+) -> dict:
+    """Figures for the base, large, draft and adapter models under `models`.
+
+    `constrained` is off, on or both (see the module docstring); `adapters_only` skips the
+    three bare models and the acceptance measurement.
+    """
     world = generate_world(0)
     engine = Engine(device="cpu")
-    results: dict = {"limit": limit}
+    results: dict = {"limit": limit, "constrained": constrained}
+    modes = MODES[constrained]
     try:
-        for name in ("demo-base", "demo-large", "demo-draft"):
-            engine.load_model(name, models / name, dtype="float32", max_model_len=512)
-        for name in ("demo-base", "demo-large", "demo-draft"):
-            results[name] = evaluate_model(engine, name, data, limit, world)
-        for task in tasks.TASKS:
-            adapter = models / "adapters" / task
-            if (adapter / "adapter_config.json").is_file():
-                path = merge_adapter(models / "demo-base", adapter, merged / task)
-                engine.load_model(f"demo-base-{task}", path, dtype="float32", max_model_len=512)
-                results[f"demo-base:{task}"] = evaluate_model(
-                    engine, f"demo-base-{task}", data, limit, world, only=[task]
-                )
-        results["acceptance"] = acceptance(
-            engine, "demo-large", "demo-draft", data, min(limit, 100)
+        if not adapters_only:
+            _evaluate_bare(
+                engine, results, models=models, data=data, limit=limit, world=world, modes=modes
+            )
+        _evaluate_adapters(
+            engine,
+            results,
+            models=models,
+            data=data,
+            merged=merged,
+            limit=limit,
+            world=world,
+            modes=modes,
         )
+        if not adapters_only:
+            results["acceptance"] = acceptance(
+                engine, "demo-large", "demo-draft", data, min(limit, 100)
+            )
     finally:
         engine.shutdown()
     results["targets"] = TARGETS
     return results
+
+
+def _key(name: str, constrained: bool) -> str:
+    return f"{name}+constrained" if constrained else name
+
+
+def _evaluate_bare(engine, results, *, models, data, limit, world, modes) -> None:
+    for name in ("demo-base", "demo-large", "demo-draft"):
+        engine.load_model(name, models / name, dtype="float32", max_model_len=512)
+    for name in ("demo-base", "demo-large", "demo-draft"):
+        for c in modes:
+            results[_key(name, c)] = evaluate_model(engine, name, data, limit, world, constrained=c)
+
+
+def _evaluate_adapters(engine, results, *, models, data, merged, limit, world, modes) -> None:
+    from models.finetune import merge_adapter
+
+    for task in tasks.TASKS:
+        adapter = models / "adapters" / task
+        if not (adapter / "adapter_config.json").is_file():
+            continue
+        path = merge_adapter(models / "demo-base", adapter, merged / task)
+        engine.load_model(f"demo-base-{task}", path, dtype="float32", max_model_len=512)
+        for c in modes:
+            results[_key(f"demo-base:{task}", c)] = evaluate_model(
+                engine, f"demo-base-{task}", data, limit, world, only=[task], constrained=c
+            )
+        engine.unload_model(f"demo-base-{task}")
 
 
 def main() -> None:
@@ -203,10 +278,20 @@ def main() -> None:
     parser.add_argument("--models", default=str(Path(__file__).resolve().parents[1] / "models"))
     parser.add_argument("--data", help="held-out JSONL folder (default: MODELS/.build/data)")
     parser.add_argument("--limit", type=int, default=200, help="examples per task")
+    parser.add_argument("--constrained", choices=sorted(MODES), default="off")
+    parser.add_argument("--adapters-only", action="store_true", help="skip the bare models")
     ns = parser.parse_args()
     models = Path(ns.models)
     data = Path(ns.data) if ns.data else models / ".build" / "data"
-    print(json.dumps(evaluate_zoo(models, data, models / ".build" / "merged", ns.limit), indent=2))
+    results = evaluate_zoo(
+        models,
+        data,
+        models / ".build" / "merged",
+        ns.limit,
+        constrained=ns.constrained,
+        adapters_only=ns.adapters_only,
+    )
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
