@@ -337,10 +337,15 @@ _CHAT_FOLLOWUPS = (
     " How is your day going?", " That was helpful.", " You are great.", " Have a nice day.",
     " I am just saying hello.", " What is your name?", " Are you a robot?",
 )  # fmt: skip
+# Each short template also comes with a country: a template with only a few fill-ins would
+# have every one of its prompts in the held-out split, and so none left for training.
 _SEARCH = (
     "Find {kind}s in {country}.", "List some {kind}s of {country}.", "Search for {industry} companies.",
     "Which {kind}s are in {country}?", "Show me {industry} companies.", "Find people who work as {occupation}s.",
     "Search the knowledge base for {word}.", "Are there any {climate} cities?",
+    "Search for {industry} companies in {country}.", "Show me {industry} companies in {country}.",
+    "Find people in {country} who work as {occupation}s.", "Search the knowledge base for {word} in {country}.",
+    "Are there any {climate} cities in {country}?",
 )  # fmt: skip
 _DESCRIBE = (
     "Tell me about {x}.", "Describe {x}.", "What do you know about {x}?", "Give me an overview of {x}.",
