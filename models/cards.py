@@ -65,8 +65,9 @@ def write_cards(root: Path, build: Path) -> dict:
         if not isinstance(figures, dict):
             continue
         merged = evals.get(f"demo-base:{task}", {})
+        constrained = evals.get(f"demo-base:{task}+constrained", {})
         (root / "adapters" / task / "README.md").write_text(
-            _adapter_card(task, figures, merged) + "\n"
+            adapter_card(task, figures, merged, constrained) + "\n"
         )
         sizes[f"adapters/{task}"] = round(_size(root / "adapters" / task), 2)
     return {"sizes_mb": sizes, "total_mb": round(sum(sizes.values()), 2)}
@@ -135,7 +136,18 @@ cross-entropy): {_train_line(fig.get("train", {}))}.
 """
 
 
-def _adapter_card(task: str, fig: dict, ev: dict) -> str:
+def adapter_card(task: str, fig: dict, ev: dict, constrained: dict | None = None) -> str:
+    """The card of one adapter: training run, then held-out figures free and constrained."""
+    extra = ""
+    if constrained:
+        extra = f"""
+## Held-out evaluation with constrained decoding
+
+`bench/demo_eval.py --constrained on`: the engine decodes under the task's constraint from
+`models/task_constraints.py` (built from the prompt alone).
+
+{_eval_table(constrained)}
+"""
     return f"""# adapters/{task}
 
 LoRA adapter of demo-base for the `{task}` task, trained with `compound finetune` on
@@ -146,4 +158,4 @@ LoRA adapter of demo-base for the `{task}` task, trained with `compound finetune
 ## Held-out evaluation (engine, greedy, adapter merged into demo-base)
 
 {_eval_table(ev)}
-"""
+{extra}"""
