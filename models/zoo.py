@@ -60,11 +60,10 @@ BUDGETS = {
         base_steps=2900,
         large_steps=40,
         draft_steps=50,
-        # 150 steps each left copying names weak (extract 0.025); the longer runs take 5-10
-        # min of CPU each (bench/RESULTS.md, "Demo zoo"). The planner meets its target with
-        # constrained decoding and keeps its first adapter.
-        adapter_steps={"router": 600, "extract": 1000, "planner": 150, "joiner": 1000},
-        adapter_rank={"router": 16, "extract": 16, "planner": 8, "joiner": 16},
+        # 150 steps each left copying names weak (extract 0.025); these runs take 8-40 min of
+        # one shared core each (bench/RESULTS.md, "Demo zoo").
+        adapter_steps={"router": 600, "extract": 3200, "planner": 1000, "joiner": 1000},
+        adapter_rank=dict.fromkeys(("router", "extract", "planner", "joiner"), 16),
     ),
     "fast": Budget(
         train_examples={"router": 200, "extract": 200, "planner": 200, "joiner": 200},
