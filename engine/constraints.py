@@ -93,6 +93,10 @@ class TokenConstraint:
         self._mask = None
         return self._matcher.consume_token(token_id)
 
+    def valid_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens of a draft the grammar allows, without consuming them."""
+        return self._matcher.validate_tokens(list(token_ids)) if token_ids else 0
+
     def rollback(self, n: int) -> None:
         """Undo the last `n` advanced tokens."""
         if n > 0:

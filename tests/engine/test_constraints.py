@@ -135,6 +135,9 @@ def test_advance_refuses_a_forbidden_token_and_rollback_restores(eng):
     assert not constraint.accepting()
     constraint.rollback(len(ids))
     assert torch.equal(constraint.allowed(), first)
+    # A speculative draft is checked without changing the state: "ab" fits, then "z" does not.
+    assert constraint.valid_prefix([*ids, letter_z]) == len(ids)
+    assert torch.equal(constraint.allowed(), first)
     assert constraint.advance(ids[0])
 
 
