@@ -40,6 +40,10 @@ class ToolCaller(Protocol):
 class PipelineResolver(Protocol):
     """Runs another registered pipeline for a `pipeline` step; given by the caller."""
 
+    # What a plain name resolves against (e.g. the commit the caller's spec came from): the
+    # same name may run different content in two runs, so it is part of the cache key.
+    scope: str | None
+
     async def run(self, name_ref: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """Resolve `name` or `name@version`, run it with `inputs`, return its outputs."""
         ...
@@ -136,7 +140,8 @@ async def call_pipeline(
     inputs = render_value(dict(target.inputs), scope)
     # No slot: the sub-run has its own limits, and holding ours while it waits could starve us.
     compute = partial(env.pipelines.run, target.name, inputs)
-    return await _through_cache(env, run, ("pipeline", target.name, inputs), compute, _same)
+    key = ("pipeline", target.name, env.pipelines.scope, inputs)
+    return await _through_cache(env, run, key, compute, _same)
 
 
 CALL_OPS: dict[str, CallOp] = {"generate": generate, "tool": call_tool, "pipeline": call_pipeline}

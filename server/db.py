@@ -117,6 +117,11 @@ class RunRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # What each `pipeline` step resolved to: [{ref, name, version, content_hash, commit}].
+    sub_pipelines: Mapped[Any | None]
+    # The lease of an unfinished run: the server process running it and when it last said so.
+    instance: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
 
     steps: Mapped[list[StepRunRow]] = relationship(
         back_populates="run", cascade="all, delete-orphan", order_by="StepRunRow.id"

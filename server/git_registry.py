@@ -22,7 +22,13 @@ from datetime import UTC, datetime
 
 from planner import PhysicalPlan, SpecError, SpecErrors, load_spec
 from server.catalog import SPEC_SUFFIXES
-from server.errors import BadRefError, DuplicateNameError, PipelineNotFoundError, UnknownRefError
+from server.errors import (
+    BadRefError,
+    DuplicateNameError,
+    GitError,
+    PipelineNotFoundError,
+    UnknownRefError,
+)
 from server.git_repo import FileChange, GitRepo, TreeFile, check_ref
 from server.store import PipelineRecord, Resolved, Store, content_hash
 
@@ -187,6 +193,17 @@ class GitRegistry:
         # Pipelines its steps call by plain name count as known if that commit had them.
         names = frozenset(s.loaded.name for s in specs if s.loaded.name)
         return self._ingest(spec, ref=ref, names=names)
+
+    def names_at(self, commit: str) -> frozenset[str] | None:
+        """The pipeline names the specs of `commit` declare; None when git does not have it."""
+        if not commit or any(c not in "0123456789abcdef" for c in commit):
+            return None  # not a commit id this server recorded
+        try:
+            specs = self.specs_at(commit)
+        except GitError:
+            logger.warning("commit %s is not in the repository: plain names resolve today", commit)
+            return None
+        return frozenset(s.loaded.name for s in specs if s.loaded.name)
 
     def _latest(self, name: str) -> Resolved | None:
         state = self._state

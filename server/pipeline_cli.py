@@ -210,12 +210,26 @@ async def _execute(
     err: TextIO,
 ) -> Any:
     from executor.run import execute
-    from server.runtime import SubPipelines, build_backends, run_limits
+    from server.runtime import SubPipelineCall, SubPipelines, build_backends, run_limits
+    from server.store import content_hash
 
     backends = build_backends(engine, config.providers)
     limits = run_limits(config.limits)
+
+    def resolve(ref: str, _commit: str | None) -> tuple[PhysicalPlan, SubPipelineCall]:
+        spec = require(specs, ref)  # the folder's specs: no commits, no stored versions
+        call = SubPipelineCall(
+            caller=None,
+            ref=ref,
+            name=spec.name,
+            version=None,
+            content_hash=content_hash(spec),
+            commit=None,
+        )
+        return compile_spec(spec, catalog=catalog), call
+
     resolver = SubPipelines(
-        lambda ref: compile_spec(require(specs, ref), catalog=catalog),
+        resolve,
         backends=backends,
         tools=tools,
         limits=limits,

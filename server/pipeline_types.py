@@ -218,6 +218,8 @@ class RunInfo(Struct, **_RESPONSE):
     started_at: datetime | None
     finished_at: datetime | None
     duration_s: float | None
+    # What its `pipeline` steps resolved to: caller, ref, name, version, content_hash, commit.
+    sub_pipelines: list[dict[str, Any]]
     steps: list[StepInfo]
 
     @classmethod
@@ -246,6 +248,7 @@ class RunInfo(Struct, **_RESPONSE):
             started_at=record.started_at,
             finished_at=record.finished_at,
             duration_s=duration,
+            sub_pipelines=record.sub_pipelines,
             steps=[StepInfo.of(s) for s in record.steps],
         )
 

@@ -21,11 +21,12 @@ from executor.backends import Backends
 from executor.cache import ResultCache
 from executor.events import Event
 from executor.inputs import validate_inputs
-from executor.operators import PipelineResolver, ToolCaller
+from executor.operators import ToolCaller
 from executor.run import RunLimits, RunResult, execute
 from planner.physical import PhysicalPlan
 from server.db import utcnow
 from server.recorder import Recorder, jsonable
+from server.runtime import SubPipelines
 from server.store import PipelineRecord, Provenance, RunChange, RunRecord, Store
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Runtime:
     limits: RunLimits
     max_output_bytes: int
     cache: ResultCache | None = None
-    pipelines: PipelineResolver | None = None
+    pipelines: SubPipelines | None = None
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,16 @@ class RunManager:
         )
         recorder = Recorder(self.store, run_id, max_output_bytes=self.runtime.max_output_bytes)
         events = recorder.subscribe() if subscribe else None
+        # Its `pipeline` steps resolve plain names inside the commit its spec came from.
+        commit = provenance.commit if provenance is not None else None
+        commit = commit or record.commit
+        pipelines = self.runtime.pipelines.within(commit) if self.runtime.pipelines else None
         execution = asyncio.create_task(
-            self._execute(plan, inputs, recorder), name=f"execute:{run_id}"
+            self._execute(plan, inputs, recorder, pipelines), name=f"execute:{run_id}"
         )
-        task = asyncio.create_task(self._run(plan, execution, recorder), name=f"run:{run_id}")
+        task = asyncio.create_task(
+            self._run(plan, execution, recorder, pipelines), name=f"run:{run_id}"
+        )
         self._tasks[run_id] = task
         self._executions[run_id] = execution
         task.add_done_callback(lambda _: self._forget(run_id))
@@ -137,7 +144,11 @@ class RunManager:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(
-        self, plan: PhysicalPlan, execution: asyncio.Task[RunResult], recorder: Recorder
+        self,
+        plan: PhysicalPlan,
+        execution: asyncio.Task[RunResult],
+        recorder: Recorder,
+        pipelines: SubPipelines | None,
     ) -> RunRecord:
         """Await the execution and store how the run ended, cancelled ones included."""
         run_id = recorder.run_id
@@ -156,11 +167,18 @@ class RunManager:
                 values={"status": "failed", "error": f"internal error: {type(e).__name__}"}
             )
         finally:
+            if pipelines is not None and pipelines.calls:
+                calls = [c.to_json() for c in pipelines.calls]
+                final = RunChange(values={**final.values, "sub_pipelines": calls})
             stored = await self._finish(plan, recorder, final)
         return stored
 
     async def _execute(
-        self, plan: PhysicalPlan, inputs: dict[str, Any], recorder: Recorder
+        self,
+        plan: PhysicalPlan,
+        inputs: dict[str, Any],
+        recorder: Recorder,
+        pipelines: SubPipelines | None,
     ) -> RunResult:
         runtime = self.runtime
         return await execute(
@@ -168,7 +186,7 @@ class RunManager:
             inputs,
             backends=runtime.backends,
             tools=runtime.tools,
-            pipelines=runtime.pipelines,
+            pipelines=pipelines,
             limits=runtime.limits,
             run_id=recorder.run_id,
             emit=recorder.emit,

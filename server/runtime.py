@@ -8,9 +8,11 @@ resolver that runs `pipeline` steps. The catalog lives in `server.catalog`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from engine import Engine
@@ -80,40 +82,91 @@ def statistics(records: Iterable[StatRecord]) -> Statistics:
     return Statistics(models=models, tools=tools, steps=steps)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SubPipelineCall:
+    """What a `pipeline` step's reference resolved to, recorded on the run that made it."""
+
+    caller: str | None  # the pipeline whose step called it (None: the run's own pipeline)
+    ref: str  # as the step wrote it: `name` or `name@ref`
+    name: str
+    version: int | None  # the stored version (None where nothing is stored: `compound run`)
+    content_hash: str
+    commit: str | None  # the commit its spec was read from, when it came from git
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form."""
+        return dataclasses.asdict(self)
+
+
+# (ref as written, the commit the caller's spec came from or None) -> its plan, and the record.
+Resolve = Callable[[str, str | None], tuple[PhysicalPlan, SubPipelineCall]]
+
+
 class SubPipelines:
     """Runs the pipelines that `pipeline` steps call: resolve, compile, execute, return outputs.
 
-    `resolve(ref)` gives the plan of `name` or `name@version`; runs nest at most
-    `MAX_PIPELINE_DEPTH` deep, so a pipeline that calls itself fails instead of looping.
+    `resolve(ref, commit)` gives the plan of `name` or `name@version`, where a plain name in a
+    spec read from git commit `commit` means the pipeline of that same commit. `within` makes
+    the resolver of one run; it collects what each call resolved to in `calls`. Runs nest at
+    most `MAX_PIPELINE_DEPTH` deep, so a pipeline that calls itself fails instead of looping.
     """
 
     def __init__(
         self,
-        resolve: Callable[[str], PhysicalPlan],
+        resolve: Resolve,
         *,
         backends: Backends,
         tools: Any,
         limits: RunLimits,
         depth: int = 0,
+        commit: str | None = None,
+        caller: str | None = None,
+        calls: list[SubPipelineCall] | None = None,
     ) -> None:
         self.resolve = resolve
         self.backends = backends
         self.tools = tools
         self.limits = limits
         self.depth = depth
+        self.commit = commit
+        self.caller = caller
+        self.calls: list[SubPipelineCall] = calls if calls is not None else []
+
+    @property
+    def scope(self) -> str | None:
+        """Plain names resolve inside this commit (the result cache keeps commits apart)."""
+        return self.commit
+
+    def within(self, commit: str | None) -> SubPipelines:
+        """The resolver of one run whose spec was read from `commit` (None: not from git)."""
+        return self._nested(depth=0, commit=commit, caller=None, calls=[])
+
+    def _nested(
+        self, *, depth: int, commit: str | None, caller: str | None, calls: list[SubPipelineCall]
+    ) -> SubPipelines:
+        return SubPipelines(
+            self.resolve,
+            backends=self.backends,
+            tools=self.tools,
+            limits=self.limits,
+            depth=depth,
+            commit=commit,
+            caller=caller,
+            calls=calls,
+        )
 
     async def run(self, name_ref: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """Run `name_ref` with `inputs`; its failure fails the calling step."""
         if self.depth >= MAX_PIPELINE_DEPTH:
             raise SubPipelineError(f"pipelines nest deeper than {MAX_PIPELINE_DEPTH} levels")
         # Resolving may read the database: not on the event loop.
-        plan = await asyncio.to_thread(self.resolve, name_ref)
-        nested = SubPipelines(
-            self.resolve,
-            backends=self.backends,
-            tools=self.tools,
-            limits=self.limits,
-            depth=self.depth + 1,
+        plan, call = await asyncio.to_thread(self.resolve, name_ref, self.commit)
+        call = dataclasses.replace(call, caller=self.caller)
+        if call not in self.calls:  # a map calls it once per item: record it once
+            self.calls.append(call)
+        # The callee's own plain names resolve inside the commit the callee was read from.
+        nested = self._nested(
+            depth=self.depth + 1, commit=call.commit, caller=call.name, calls=self.calls
         )
         result = await execute(
             plan,

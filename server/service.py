@@ -42,7 +42,7 @@ from server.git_registry import GitRegistry, GitVersion
 from server.git_repo import GitRepo
 from server.pipeline_types import CommitRequest, ExplainFormat, ExplainResponse
 from server.runs import ActiveRun, RunManager, Runtime
-from server.runtime import SubPipelines, run_limits, statistics
+from server.runtime import SubPipelineCall, SubPipelines, run_limits, statistics
 from server.store import PipelineRecord, Provenance, Resolved, RunRecord, Store, content_hash
 from tools import ToolRegistry
 
@@ -75,7 +75,7 @@ class PipelineService:
             limits=caps,
             max_output_bytes=limits.max_stored_output_bytes,
             cache=ResultCache(),
-            pipelines=SubPipelines(self.plan_ref, backends=backends, tools=tools, limits=caps),
+            pipelines=SubPipelines(self._sub_plan, backends=backends, tools=tools, limits=caps),
         )
         self.backends = backends
         self.runs = RunManager(store, runtime, on_finished=self._analyzed)
@@ -223,9 +223,45 @@ class PipelineService:
         except PipelineNotFoundError:
             raise missing from None
 
-    def plan_ref(self, ref: str) -> PhysicalPlan:
-        """The plan of `name` or `name@<ref>` (see `resolve`), e.g. for `pipeline` steps."""
-        return self.plan(self.resolve(ref).record)
+    def plan_resolved(self, resolved: Resolved) -> PhysicalPlan:
+        """Compile a resolved version; a spec read from a git commit binds the pipelines it
+        calls by plain name against that commit (they are what its run will call)."""
+        names = self._names_at(resolved.commit)
+        if names is None:
+            return self.plan(resolved.record)
+        record = resolved.record
+        source = f"{record.name}@{record.version}"
+        return self._compile_git(record.spec_text.encode(), record.spec_format, source, names)
+
+    def resolve_in(self, ref: str, commit: str | None) -> Resolved:
+        """`resolve` for a `pipeline` step of a spec read from git commit `commit`: a plain
+        name that commit has means its spec there (reproducible); `name@ref` and names the
+        commit does not have (REST pipelines) resolve as anywhere else."""
+        name, label = split_ref(ref)
+        names = self._names_at(commit) if label is None else None
+        if names is None or name not in names:
+            return self.resolve(ref)
+        return self.resolve(f"{name}@{commit}")
+
+    def _names_at(self, commit: str | None) -> frozenset[str] | None:
+        """The pipeline names of a registry commit; None without one or when git lacks it."""
+        if commit is None or self.registry is None:
+            return None
+        return self.registry.names_at(commit)
+
+    def _sub_plan(self, ref: str, commit: str | None) -> tuple[PhysicalPlan, SubPipelineCall]:
+        """What a `pipeline` step runs (see `resolve_in`), and the record of it for the run."""
+        resolved = self.resolve_in(ref, commit)
+        record = resolved.record
+        call = SubPipelineCall(
+            caller=None,
+            ref=ref,
+            name=record.name,
+            version=record.version,
+            content_hash=record.content_hash,
+            commit=resolved.commit,
+        )
+        return self.plan_resolved(resolved), call
 
     def chat_endpoint(self, ref: str) -> tuple[Resolved, PhysicalPlan] | None:
         """The pipeline a chat request's `model` names (`f1`, `f1@v1`: `resolve`), planned;
@@ -235,7 +271,7 @@ class PipelineService:
             resolved = self.resolve(ref)
         except PipelineNotFoundError:
             return None
-        plan = self.plan(resolved.record)
+        plan = self.plan_resolved(resolved)
         if plan.spec.chat is None:
             raise InvalidRequestError(
                 f"pipeline {ref!r} is not a chat endpoint (its spec has no `chat` section)",
@@ -361,7 +397,7 @@ class PipelineService:
         """Plan a resolved pipeline (unless `plan` is its plan already) and start a run of it,
         recording where its spec came from."""
         if plan is None:
-            plan = await asyncio.to_thread(self.plan, resolved.record)
+            plan = await asyncio.to_thread(self.plan_resolved, resolved)
         provenance = Provenance(ref=resolved.ref, commit=resolved.commit, rerun_of=rerun_of)
         return await self.runs.start(
             resolved.record,

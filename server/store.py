@@ -114,6 +114,7 @@ class RunRecord(msgspec.Struct, **_RECORD):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    sub_pipelines: list[dict[str, Any]] = []  # what its `pipeline` steps resolved to
     steps: list[StepRecord] = []
 
 
@@ -532,6 +533,7 @@ def _run(row: RunRow, *, steps: bool) -> RunRecord:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        sub_pipelines=row.sub_pipelines or [],
         steps=[_step(s) for s in row.steps] if steps else [],
     )
 

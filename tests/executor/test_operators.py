@@ -250,7 +250,8 @@ async def test_batch_submits_members_together(tools: ToolRegistry, recorder: Rec
 class Children:
     """A pipeline resolver that answers from the inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str | None = None) -> None:
+        self.scope = scope
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     async def run(self, name_ref: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -268,6 +269,20 @@ async def test_pipeline_step_calls_the_resolver(tools: ToolRegistry) -> None:
     assert children.calls == [("child@v1", {"q": 2})]
     result = await run(spec, tools, inputs={"n": 1})
     assert "no pipeline resolver" in result.error
+
+
+async def test_cached_pipeline_calls_are_kept_apart_by_the_resolver_scope(
+    tools: ToolRegistry,
+) -> None:
+    # The same plain name resolves inside the caller's commit: one commit's result must not
+    # answer a run whose caller came from another.
+    step = {"pipeline": {"name": "child", "inputs": {"q": "{{ inputs.n }}"}}, "cache": True}
+    spec = pipeline({"sub": step}, inputs={"n": {"type": "integer"}})
+    cache = ResultCache(max_entries=8)
+    old, new, again = Children("c1"), Children("c2"), Children("c2")
+    for children in (old, new, again):
+        await run(spec, tools, inputs={"n": 1}, pipelines=children, cache=cache)
+    assert (len(old.calls), len(new.calls), len(again.calls)) == (1, 1, 0)
 
 
 async def test_cache_is_shared_across_runs(tools: ToolRegistry, recorder: Recorder) -> None:

@@ -340,7 +340,77 @@ def test_pipelines_of_one_commit_may_call_each_other(client: Client, repo: Repo)
     assert status["pipelines"]["caller"] == added  # its call no longer binds: last good stays
     assert [p["name"] for p in status["problems"]] == ["caller"]
     assert "callee" in status["problems"][0]["problems"][0]
-    # Deleting a pipeline deletes it for its callers too: they say so, naming it.
-    response = client.post("/v1/pipelines/caller/runs", json={})
-    assert response.status_code == 422 and "callee" in response.json()["error"]["message"]
+    # The last good caller stays whole: it still calls the callee of its own commit.
+    kept = run(client, "caller")
+    assert kept["outputs"] == {"v": 9} and kept["commit"] == added
+    assert [(c["name"], c["commit"]) for c in kept["sub_pipelines"]] == [("callee", added)]
     assert run(client, f"callee@{added[:8]}")["outputs"] == {"value": 9}
+    assert not_found(client, "callee").endswith(f"deleted from branch main at commit {repo.head()}")
+
+
+CALLER = (
+    "name: caller\nsteps:\n  c:\n    pipeline: {{name: {callee}}}\n"
+    'outputs:\n  v: "{{{{ steps.c.output.value }}}}"\n'
+)
+
+
+def test_a_tagged_caller_runs_the_callee_of_its_own_commit(client: Client, repo: Repo) -> None:
+    tagged = repo.commit(
+        "two",
+        **{
+            "callee.yaml": calc_spec("callee", "3 * 3"),
+            "caller.yaml": CALLER.format(callee="callee"),
+        },
+    )
+    repo.git("tag", "caller-v1")
+    repo.commit("callee changes", **{"callee.yaml": calc_spec("callee", "4 * 4")})
+    reload(client)
+    assert run(client, "caller")["outputs"] == {"v": 16}  # the branch: today's callee
+    old = run(client, "caller@caller-v1")
+    assert old["outputs"] == {"v": 9} and old["commit"] == tagged
+    [call] = old["sub_pipelines"]
+    assert (call["ref"], call["name"], call["commit"], call["caller"]) == (
+        "callee",
+        "callee",
+        tagged,
+        None,
+    )
+    assert call["content_hash"] != run(client, "callee")["content_hash"]
+    stored = client.get(f"/v1/runs/{old['run_id']}").json()
+    assert stored["sub_pipelines"] == old["sub_pipelines"]
+    again = client.post(f"/v1/runs/{old['run_id']}/rerun", json={}).json()
+    assert again["outputs"] == {"v": 9} and again["sub_pipelines"] == old["sub_pipelines"]
+
+
+def test_an_explicit_callee_ref_wins_and_nested_calls_stay_in_their_commit(
+    client: Client, repo: Repo
+) -> None:
+    first = repo.commit(
+        "callee v1",
+        **{"callee.yaml": calc_spec("callee", "3 * 3"), "inner.yaml": calc_spec("inner", "1")},
+    )
+    repo.git("tag", "callee-v1")
+    middle = (
+        "name: middle\nsteps:\n  c:\n    pipeline: {name: inner}\n"
+        'outputs:\n  value: "{{ steps.c.output.value }}"\n'
+    )
+    pinned = repo.commit(
+        "pinned caller",
+        **{
+            "callee.yaml": calc_spec("callee", "5 * 5"),
+            "inner.yaml": calc_spec("inner", "2"),
+            "middle.yaml": middle,
+            "caller.yaml": CALLER.format(callee="callee@callee-v1"),
+            "outer.yaml": CALLER.format(callee="middle").replace("name: caller", "name: outer"),
+        },
+    )
+    repo.git("tag", "pinned")
+    repo.commit("inner changes", **{"inner.yaml": calc_spec("inner", "7")})
+    reload(client)
+    assert run(client, "caller@pinned")["outputs"] == {"v": 9}  # callee@callee-v1, not 25
+    nested = run(client, "outer@pinned")
+    assert nested["outputs"] == {"v": 2}  # middle and inner both from `pinned`, not inner 7
+    calls = {(c["caller"], c["name"]): c["commit"] for c in nested["sub_pipelines"]}
+    assert calls == {(None, "middle"): pinned, ("middle", "inner"): pinned}
+    assert run(client, "outer")["outputs"] == {"v": 7}
+    assert first != pinned
