@@ -40,7 +40,7 @@ def serve(tmp_path: Path, repo: Repo, engine: Engine, **options: Any) -> Iterato
     """An app over `repo` and a scratch database; polling off unless asked for."""
     (tmp_path / "none").mkdir(exist_ok=True)
     config = ServerConfig(
-        database_url=f"sqlite:///{tmp_path / 'compound.db'}",
+        database_url=options.pop("database_url", f"sqlite:///{tmp_path / 'compound.db'}"),
         pipelines_dir=str(tmp_path / "none"),
         pipelines_repo=str(repo.path),
         poll_interval_s=options.pop("poll_interval_s", 0),
@@ -51,9 +51,10 @@ def serve(tmp_path: Path, repo: Repo, engine: Engine, **options: Any) -> Iterato
 
 
 @pytest.fixture
-def client(tmp_path: Path, repo: Repo, demo_engine: Engine) -> Iterator[Client]:
-    """The app over `repo`."""
-    yield from serve(tmp_path, repo, demo_engine)
+def client(tmp_path: Path, repo: Repo, demo_engine: Engine, database_url: str) -> Iterator[Client]:
+    """The app over `repo`, on SQLite and on PostgreSQL (runs, provenance, re-runs, and the
+    versions git pipelines are stored as all go through the store)."""
+    yield from serve(tmp_path, repo, demo_engine, database_url=database_url)
 
 
 def run(client: Client, target: str, **body: Any) -> dict[str, Any]:
@@ -414,3 +415,46 @@ def test_an_explicit_callee_ref_wins_and_nested_calls_stay_in_their_commit(
     assert calls == {(None, "middle"): pinned, ("middle", "inner"): pinned}
     assert run(client, "outer")["outputs"] == {"v": 7}
     assert first != pinned
+
+
+CHAT = """\
+name: ask
+chat: {{input: messages, output: answer}}
+inputs:
+  messages: {{type: array, items: {{type: object}}}}
+steps:
+  c:
+    pipeline: {{name: callee}}
+outputs:
+  answer: "{{{{ steps.c.output.value }}}} after {{{{ inputs.messages | length }}}}"
+"""
+
+
+def test_a_chat_model_names_a_tag_of_a_git_pipeline(client: Client, repo: Repo) -> None:
+    tagged = repo.commit(
+        "chat", **{"ask.yaml": CHAT.format(), "callee.yaml": calc_spec("callee", "3 * 3")}
+    )
+    repo.git("tag", "ask-v1")
+    repo.commit("callee changes", **{"callee.yaml": calc_spec("callee", "4 * 4")})
+    reload(client)
+    messages = [{"role": "user", "content": "how much?"}]
+    answers = {}
+    for model in ("ask@ask-v1", "ask"):
+        response = client.post("/v1/chat/completions", json={"model": model, "messages": messages})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == model
+        run_id = response.headers["x-compound-run-id"]
+        answers[model] = (
+            body["choices"][0]["message"]["content"],
+            client.get(f"/v1/runs/{run_id}").json(),
+        )
+    text, tagged_run = answers["ask@ask-v1"]
+    assert text == "9 after 1" and answers["ask"][0] == "16 after 1"
+    assert (tagged_run["ref"], tagged_run["commit"]) == ("ask@ask-v1", tagged)
+    assert [c["commit"] for c in tagged_run["sub_pipelines"]] == [tagged]
+    assert answers["ask"][1]["commit"] == repo.head() and answers["ask"][1]["ref"] == "ask"
+    missing = client.post(
+        "/v1/chat/completions", json={"model": "ask@no-such-tag", "messages": messages}
+    )
+    assert missing.status_code == 404, missing.text
