@@ -113,12 +113,14 @@ async def _pipelines_lifespan(app: Litestar) -> AsyncIterator[None]:
         if service.registry is not None and config.poll_interval_s > 0
         else None
     )
+    leases = asyncio.create_task(service.runs.keep_leases(config.run_lease_s), name="run-leases")
     try:
         yield
     finally:
-        if poller is not None:
-            poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+        background = [t for t in (poller, leases) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         app.state.pipelines = None
         await service.runs.shutdown()
         await service.close()
@@ -138,6 +140,8 @@ def start_pipelines(config: ServerConfig, engine: Engine) -> PipelineService:
         limits=config.limits,
     )
     service.refresh_statistics()
+    # Runs left unfinished by a server that died (this one's last life, or another replica's).
+    service.runs.sweep(config.run_lease_s)
     service.register_directory(config.pipelines_dir)
     if config.pipelines_repo is not None:
         service.use_git(

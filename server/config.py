@@ -114,6 +114,9 @@ class ServerConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     # POST /v1/pipelines commits the spec to `pipelines_branch` (author and message from the
     # request) instead of storing it in the database only.
     commit_posted: bool = False
+    # A run's server renews its lease on the run every third of this; when a lease is this old
+    # (the process crashed), any replica marks the run failed instead of `running` forever.
+    run_lease_s: Annotated[float, Meta(gt=0)] = 30.0
 
 
 def load_config(path: str | Path) -> ServerConfig:

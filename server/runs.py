@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -76,6 +78,8 @@ class RunManager:
         self._tasks: dict[str, asyncio.Task[RunRecord]] = {}
         self._executions: dict[str, asyncio.Task[RunResult]] = {}
         self._cancel_reasons: dict[str, str] = {}
+        # Names this process in the runs it holds leases on (several replicas share a database).
+        self.instance = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
     async def start(
         self,
@@ -94,7 +98,13 @@ class RunManager:
         values = validate_inputs(plan.spec.inputs, inputs)
         run_id = str(uuid.uuid4())
         await asyncio.to_thread(
-            self.store.create_run, run_id, record, values, actor=actor, provenance=provenance
+            self.store.create_run,
+            run_id,
+            record,
+            values,
+            actor=actor,
+            provenance=provenance,
+            instance=self.instance,
         )
         recorder = Recorder(self.store, run_id, max_output_bytes=self.runtime.max_output_bytes)
         events = recorder.subscribe() if subscribe else None
@@ -142,6 +152,25 @@ class RunManager:
         for run_id in list(self._tasks):
             self.cancel(run_id, SHUTDOWN_REASON)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def keep_leases(self, lease_s: float) -> None:
+        """Until cancelled: renew this process's leases every third of `lease_s`, and fail the
+        runs of processes that let theirs expire (crashed replicas). A failed round is logged
+        and retried (serving goes on)."""
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew_leases, self.instance)
+                await asyncio.to_thread(self.sweep, lease_s)
+            except Exception:
+                logger.exception("renewing run leases failed")
+
+    def sweep(self, lease_s: float) -> list[str]:
+        """Fail the unfinished runs whose server died (their lease expired); the ids."""
+        failed = self.store.fail_abandoned(lease_s=lease_s, instance=self.instance)
+        for run_id in failed:
+            logger.warning("run %s failed: its server stopped renewing its lease", run_id)
+        return failed
 
     async def _run(
         self,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -33,6 +33,11 @@ from server.errors import PipelineNotFoundError, RunNotFoundError
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+STEP_FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "skipped"})
+ABANDONED_REASON = (
+    "abandoned: the server process running it stopped renewing its lease (it crashed or was "
+    "killed); run it again"
+)
 MAX_LIST = 1000
 # Concurrent registrations of one name race for the next version number; the losers retry.
 REGISTER_ATTEMPTS = 16
@@ -346,9 +351,11 @@ class Store:
         *,
         actor: str,
         provenance: Provenance | None = None,
+        instance: str | None = None,
     ) -> RunRecord:
         """Store a queued run of `pipeline`; `provenance` names the ref and commit it came from
-        (the commit defaults to the one the version was registered with)."""
+        (the commit defaults to the one the version was registered with); `instance`, the
+        server process that runs it, holds its lease from now on (see `fail_abandoned`)."""
         origin = provenance or Provenance()
         with self._session.begin() as session:
             row = RunRow(
@@ -361,6 +368,8 @@ class Store:
                 rerun_of=origin.rerun_of,
                 status="queued",
                 inputs=inputs,
+                instance=instance,
+                heartbeat_at=utcnow() if instance is not None else None,
             )
             session.add(row)
             session.flush()
@@ -420,6 +429,51 @@ class Store:
                 .where(RunRow.id.in_(run_ids), RunRow.status.not_in(FINISHED))
                 .values(status="cancelled", error=reason, finished_at=utcnow())
             )
+
+    def renew_leases(self, instance: str) -> int:
+        """Say that `instance` is still running its unfinished runs; how many it holds."""
+        with self._session.begin() as session:
+            done = session.execute(
+                update(RunRow)
+                .where(RunRow.instance == instance, RunRow.status.not_in(FINISHED))
+                .values(heartbeat_at=utcnow())
+            )
+            return done.rowcount
+
+    def fail_abandoned(self, *, lease_s: float, instance: str | None = None) -> list[str]:
+        """Mark failed every unfinished run whose server stopped renewing its lease `lease_s`
+        seconds ago (the process died: nothing else will ever finish the run), with its
+        unfinished steps; the ids. `instance` (the caller's own) is left alone.
+
+        One conditional UPDATE: replicas sweeping at once fail each run exactly once."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=lease_s)
+        expired = RunRow.status.not_in(FINISHED) & (
+            (RunRow.heartbeat_at < cutoff)
+            # a run stored before leases existed (or by a process without one)
+            | (RunRow.heartbeat_at.is_(None) & (RunRow.created_at < cutoff))
+        )
+        if instance is not None:
+            expired &= RunRow.instance.is_distinct_from(instance)
+        with self._session.begin() as session:
+            ids = list(
+                session.scalars(
+                    update(RunRow)
+                    .where(expired)
+                    .values(status="failed", error=ABANDONED_REASON, finished_at=now)
+                    .returning(RunRow.id)
+                ).all()
+            )
+            if not ids:
+                return []
+            session.execute(
+                update(StepRunRow)
+                .where(StepRunRow.run_id.in_(ids), StepRunRow.status.not_in(STEP_FINISHED))
+                .values(status="failed", error=ABANDONED_REASON, finished_at=now)
+            )
+            for run_id in ids:
+                _audit(session, "server", "run.abandoned", f"run:{run_id}", {"lease_s": lease_s})
+        return ids
 
     # -- statistics ------------------------------------------------------------------------------
 

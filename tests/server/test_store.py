@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -269,3 +269,47 @@ def test_migrations_upgrade_downgrade_and_match_the_models(database_url: str) ->
         assert set(inspect(engine).get_table_names()) == TABLES
     finally:
         engine.dispose()
+
+
+def _held(store: Store, instance: str, *, status: str = "running", age_s: float = 0) -> str:
+    """A run held by `instance`, in `status`, whose lease was last renewed `age_s` ago."""
+    record, _ = store.register_pipeline(spec(), text="a", fmt="yaml", actor="t")
+    run_id = str(uuid.uuid4())
+    store.create_run(run_id, record, {}, actor="t", instance=instance)
+    values = {"status": status, "heartbeat_at": datetime.now(UTC) - timedelta(seconds=age_s)}
+    store.apply(
+        run_id,
+        [
+            RunChange(values=values),
+            StepChange(step="done", values={"status": "succeeded"}),
+            StepChange(step="going", values={"status": "running"}),
+        ],
+    )
+    return run_id
+
+
+def test_runs_of_a_dead_server_fail_once_their_lease_expires(store: Store) -> None:
+    dead = _held(store, "dead", age_s=120)
+    queued = _held(store, "dead", status="queued", age_s=120)
+    alive = _held(store, "alive", age_s=5)
+    finished = _held(store, "dead", status="succeeded", age_s=120)
+    mine = _held(store, "me", age_s=120)  # the sweeper's own runs are its to finish
+    assert sorted(store.fail_abandoned(lease_s=30, instance="me")) == sorted([dead, queued])
+    assert store.fail_abandoned(lease_s=30, instance="me") == []  # exactly once
+    failed = store.get_run(dead)
+    assert failed.status == "failed" and "stopped renewing its lease" in (failed.error or "")
+    assert failed.finished_at is not None
+    steps = {s.step: s.status for s in failed.steps}
+    assert steps == {"done": "succeeded", "going": "failed"}
+    for run_id, status in ((alive, "running"), (finished, "succeeded"), (mine, "running")):
+        assert store.get_run(run_id).status == status
+    assert store.renew_leases("alive") == 1 and store.renew_leases("dead") == 0
+    assert store.fail_abandoned(lease_s=4) == [mine]  # no instance given: nobody is spared
+    assert any(a.action == "run.abandoned" for a in store.audit_log())
+
+
+def test_renewed_leases_do_not_expire(store: Store) -> None:
+    run_id = _held(store, "alive", age_s=120)
+    assert store.renew_leases("alive") == 1
+    assert store.fail_abandoned(lease_s=30) == []
+    assert store.get_run(run_id).status == "running"
