@@ -282,8 +282,8 @@ class PipelineService:
     def explain(self, name: str, version: int | None, fmt: ExplainFormat) -> ExplainResponse:
         """EXPLAIN a version (`name` may be `name@ref`): the plan with estimates and the
         critical path."""
-        record = self.resolve(_ref(name, version)).record
-        return _explained(record, self.plan(record), fmt, analyze=None)
+        resolved = self.resolve(_ref(name, version))
+        return _explained(resolved.record, self.plan_resolved(resolved), fmt, analyze=None)
 
     def latest_pipelines(self) -> list[PipelineRecord]:
         """The version `name` serves, per pipeline: the branch's for git pipelines (an old
@@ -312,7 +312,10 @@ class PipelineService:
             }
             for s in run.steps
         }
-        return _explained(record, self.plan(record), fmt, analyze=analyze)
+        plan = self.plan_resolved(
+            Resolved(record=record, ref=run.ref or run.pipeline, commit=run.commit)
+        )
+        return _explained(record, plan, fmt, analyze=analyze)
 
     def register_directory(self, directory: str | Path) -> list[PipelineRecord]:
         """Register every spec file of a directory; one that fails is logged and skipped."""

@@ -346,6 +346,10 @@ def test_pipelines_of_one_commit_may_call_each_other(client: Client, repo: Repo)
     assert kept["outputs"] == {"v": 9} and kept["commit"] == added
     assert [(c["name"], c["commit"]) for c in kept["sub_pipelines"]] == [("callee", added)]
     assert run(client, f"callee@{added[:8]}")["outputs"] == {"value": 9}
+    explained = client.post(f"/v1/pipelines/caller@{added[:8]}/explain", json={})
+    assert explained.status_code == 200, explained.text  # binds against its own commit
+    analyzed = client.get(f"/v1/runs/{kept['run_id']}/explain")
+    assert analyzed.status_code == 200, analyzed.text
     assert not_found(client, "callee").endswith(f"deleted from branch main at commit {repo.head()}")
 
 
