@@ -258,9 +258,9 @@ def test_polling_follows_new_commits(tmp_path: Path, repo: Repo, demo_engine: En
 
 
 def test_posted_specs_are_committed_with_author_and_message(
-    tmp_path: Path, repo: Repo, demo_engine: Engine
+    tmp_path: Path, repo: Repo, demo_engine: Engine, database_url: str
 ) -> None:
-    for client in serve(tmp_path, repo, demo_engine, commit_posted=True):
+    for client in serve(tmp_path, repo, demo_engine, commit_posted=True, database_url=database_url):
         spec = calc_spec(NAME, "6 * 7")
         headers = {"content-type": "application/yaml"}
         refused = client.post("/v1/pipelines", content=spec, headers=headers)
