@@ -9,7 +9,6 @@ away, every engine request still running is aborted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -256,8 +255,9 @@ async def until_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]
         watcher.cancel()
         if not task.done():
             task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    # A cancelled task is only done once it has run its cancellation: wait for both, or
+    # `task.result()` below would find it still pending (InvalidStateError).
+    await asyncio.wait({task, watcher})
     if task.cancelled():
         raise ClientDisconnectedError
     return task.result()
