@@ -45,6 +45,7 @@ limited to `tools` and, when `names` are given, the `entity` arguments limited t
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -54,10 +55,13 @@ import msgspec
 JOIN = "join"
 MAX_STEPS = 32
 
-_LINE = re.compile(r"(?P<index>\d+)\. (?P<tool>[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)\((?P<args>.*)\)")
+_LINE = re.compile(
+    r"(?P<index>\d{1,3})\. (?P<tool>[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*)\((?P<args>.*)\)"
+)
 _ARG_NAME = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*")
-_REF = re.compile(r"\$(\d+)")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_REF = re.compile(r"\$(\d{1,3})(?!\d)")
+# Bounded digit counts: model output must not reach int()'s 4300-digit limit or overflow a float.
+_NUMBER = re.compile(r"-?\d{1,30}(?:\.\d{1,30})?(?:[eE][+-]?\d{1,3})?(?!\d)")
 _WORDS = {"true": True, "false": False, "null": None}
 
 
@@ -149,7 +153,7 @@ def _parse_value(n: int, text: str, pos: int) -> tuple[Any, int]:
             raise PlanSyntaxError(n, f"invalid string ({e.msg})") from e
         return value, end
     if text.startswith("$", pos):
-        ref = re.compile(r"\$(\d+)").match(text, pos)
+        ref = _REF.match(text, pos)
         if ref is None:
             raise PlanSyntaxError(n, "expected a line number after `$`")
         return Ref(int(ref[1])), ref.end()
@@ -160,7 +164,12 @@ def _parse_value(n: int, text: str, pos: int) -> tuple[Any, int]:
     if number is None:
         raise PlanSyntaxError(n, f"expected a value at column {pos + 1} of the arguments")
     literal = number[0]
-    return (float(literal) if any(c in literal for c in ".eE") else int(literal)), number.end()
+    if not any(c in literal for c in ".eE"):
+        return int(literal), number.end()
+    value = float(literal)
+    if not math.isfinite(value):
+        raise PlanSyntaxError(n, f"number {literal!r} is out of range")
+    return value, number.end()
 
 
 def _refs(value: Any) -> list[int]:

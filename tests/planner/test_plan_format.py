@@ -75,6 +75,11 @@ def test_join_only() -> None:
         ('1. calc(x="open)\n2. join()', 1, "invalid string"),
         ("hello\n2. join()", 1, "expected `1. tool(arg=value, ...)`"),
         ("1. join(x=1)", 1, "last line must be join()"),
+        # model output must fail as a syntax error, never as Python's int/float limits
+        (f"1. calc(x={'9' * 5000})\n2. join()", 1, "expected a value"),
+        ("1. calc(x=1e999)\n2. join()", 1, "out of range"),
+        (f"{'1' * 5000}. calc(x=1)\n2. join()", 1, "expected `1. tool"),
+        (f"1. calc(x=1)\n2. calc(x=${'1' * 5000})\n3. join()", 2, "expected a line number"),
     ],
 )
 def test_syntax_errors_name_the_line(text: str, line: int, fragment: str) -> None:
