@@ -36,6 +36,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # SQLite waits this long for another writer (another thread, or another process) to finish.
 SQLITE_BUSY_TIMEOUT_S = 30
 STEP_ID_LENGTH = 200  # dynamic plan tasks are `<step>.<round>.<line>` (migration 0003)
+MAX_REF_CHARS = 256  # runs.ref (migration 0002): longer refs are refused before a run starts
 
 # JSON on SQLite (text), JSONB on PostgreSQL; both round-trip dicts, lists and scalars.
 JSONValue = JSON().with_variant(JSONB(), "postgresql")
@@ -106,7 +107,7 @@ class RunRow(Base):
     version: Mapped[int]
     content_hash: Mapped[str] = mapped_column(String(64))
     commit: Mapped[str | None] = mapped_column(String(64))  # the commit the spec was read from
-    ref: Mapped[str | None] = mapped_column(String(256))  # what the caller asked for: name@ref
+    ref: Mapped[str | None] = mapped_column(String(MAX_REF_CHARS))  # asked for: name@ref
     rerun_of: Mapped[str | None] = mapped_column(String(36))
     status: Mapped[str] = mapped_column(String(16), index=True)
     inputs: Mapped[Any]

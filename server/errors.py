@@ -106,6 +106,7 @@ class UnknownRefError(GitError):
     def __init__(self, ref: str, reason: str = "names no commit") -> None:
         super().__init__(f"{ref!r} {reason}")
         self.ref = ref
+        self.reason = reason
 
 
 class DuplicateNameError(GitError):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from planner import PhysicalPlan, SpecError, SpecErrors, load_spec
 from server.catalog import SPEC_SUFFIXES
@@ -29,13 +31,17 @@ from server.errors import (
     PipelineNotFoundError,
     UnknownRefError,
 )
-from server.git_repo import FileChange, GitRepo, TreeFile, check_ref
+from server.git_repo import NO_COMMIT, FileChange, GitRepo, TreeFile, check_ref
 from server.store import PipelineRecord, Resolved, Store, content_hash
 
 logger = logging.getLogger(__name__)
 
+K = TypeVar("K")
+V = TypeVar("V")
 GIT_ACTOR = "git"
 TREE_CACHE = 256  # commits whose spec files are remembered
+BLOB_CACHE = 4096  # spec file contents, loaded
+CHECK_CACHE = 4096  # validation results, by content and the names around it
 DEFAULT_MAX_SPEC_BYTES = 256 * 1024
 # Compiles spec text against the server's catalog: (text, format, source, names) -> plan, where
 # `names` are pipeline names that count as registered (the other specs of the same commit).
@@ -119,19 +125,20 @@ class GitRegistry:
         self.compile = compile
         self._state = _State()
         self._lock = threading.Lock()
-        self._blobs: dict[tuple[str, str], LoadedBlob] = {}
-        self._checked: dict[tuple[str, str, frozenset[str]], tuple[str, ...]] = {}
+        self._blobs: Lru[tuple[str, str], LoadedBlob] = Lru(BLOB_CACHE)
+        self._checked: Lru[tuple[str, str, frozenset[str]], tuple[str, ...]] = Lru(CHECK_CACHE)
         self._stored: dict[tuple[str, str], PipelineRecord] = {}
-        self._trees: dict[str, list[GitSpec]] = {}
-        self._cache_lock = threading.Lock()
+        self._trees: Lru[str, list[GitSpec]] = Lru(TREE_CACHE)
         self._scan_context = threading.local()
 
     # -- following the branch --------------------------------------------------------------------
 
     def refresh(self) -> bool:
         """Scan the branch head if it moved; True when it did."""
-        head = self.repo.resolve(self.branch)
         with self._lock:
+            # Read under the lock: a head read before it could be older than one another
+            # thread scanned meanwhile, and scanning it would move the registry back.
+            head = self.repo.resolve(self.branch)
             if head == self._state.head:
                 self._state.checked_at = _now()
                 return False
@@ -140,27 +147,70 @@ class GitRegistry:
 
     def _scan(self, head: str, old: _State) -> _State:
         specs = self.specs_at(head)
-        names = frozenset(s.loaded.name for s in specs if s.loaded.name)
+        # A file that does not load still holds the name it had: it is broken, not deleted.
+        by_path = {path: name for name, path in old.paths.items()}
+        declared = {s.path: s.loaded.name or by_path.get(s.path) for s in specs}
+        present = frozenset(n for n in declared.values() if n)
         new = _State(head=head, checked_at=_now(), paths=dict(old.paths))
-        new.removed = {n: c for n, c in old.removed.items() if n not in names}
-        new.removed |= {n: head for n in old.current if n not in names}
-        counts = _name_counts(specs)
-        # While this thread scans, a plain name is what the new head has, not the old state.
-        self._scan_context.head_names = names
+        new.removed = {n: c for n, c in old.removed.items() if n not in present}
+        new.removed |= {n: head for n in old.current if n not in present}
         try:
+            problems, valid = self._head_problems(specs, present)
             for spec in specs:
-                self._scan_one(spec, names, counts, old, new)
+                self._scan_one(
+                    spec,
+                    name=declared[spec.path],
+                    problems=problems[spec.path],
+                    old=old,
+                    new=new,
+                    names=valid,
+                )
         finally:
             self._scan_context.head_names = None
         return new
 
-    def _scan_one(
-        self, spec: GitSpec, names: frozenset[str], counts: dict[str, int], old: _State, new: _State
-    ) -> None:
-        name = spec.loaded.name
+    def _head_problems(
+        self, specs: list[GitSpec], present: frozenset[str]
+    ) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+        """Problems of each spec of a head, and the names that validate there.
+
+        A spec that calls an invalid one of its commit would fail when run, so the invalid
+        names are taken away and the rest validated again, until nothing more breaks (each
+        round removes a name, so this ends)."""
+        counts = _name_counts(specs)
+        names = present
+        first: dict[str, tuple[str, ...]] | None = None
+        while True:
+            # While this thread scans, a plain name is what the head has, not the old state.
+            self._scan_context.head_names = names
+            problems = {s.path: self._problems(s, names, counts) for s in specs}
+            first = first or problems
+            broken = frozenset(s.loaded.name or "" for s in specs if problems[s.path]) & names
+            broken |= present - frozenset(s.loaded.name for s in specs if s.loaded.name)
+            if not broken & names:
+                return _callee_notes(problems, first, present - names), names
+            names -= broken
+
+    def _problems(
+        self, spec: GitSpec, names: frozenset[str], counts: dict[str, int]
+    ) -> tuple[str, ...]:
+        """What is wrong with one spec of a head: load, bind and plan errors, duplicate names."""
         problems = self._validate(spec, names)
+        name = spec.loaded.name
         if name and counts[name] > 1:
             problems = (*problems, f"{counts[name]} files at this commit declare name {name!r}")
+        return problems
+
+    def _scan_one(
+        self,
+        spec: GitSpec,
+        *,
+        name: str | None,
+        problems: tuple[str, ...],
+        old: _State,
+        new: _State,
+        names: frozenset[str],
+    ) -> None:
         if name:
             new.paths[name] = spec.path
         if problems or name is None:  # no name: the file did not load, so it has problems
@@ -183,9 +233,15 @@ class GitRegistry:
             return self._latest(name)
         ref = f"{name}@{label}"
         try:
-            commit = self.repo.resolve(label)
+            commit = self.repo.resolve_published(label, branch=self.branch)
         except (BadRefError, UnknownRefError) as e:
-            raise PipelineNotFoundError(ref, reason=_gone(str(e), label)) from e
+            raise PipelineNotFoundError(ref, reason=_gone(e, label)) from e
+        return self.lookup_at(name, commit, ref=ref)
+
+    def lookup_at(self, name: str, commit: str, *, ref: str) -> Resolved:
+        """`name` read from `commit` as `ref`: for commits the server resolved itself (the
+        commit of a caller being run), so whether a branch or tag still holds it is not asked.
+        `PipelineNotFoundError` when that commit has no spec of that name."""
         specs = self.specs_at(commit)
         spec = named(specs, name)
         if spec is None:
@@ -241,31 +297,29 @@ class GitRegistry:
     def specs_at(self, commit: str) -> list[GitSpec]:
         """The spec files at the top of a commit (dot files left out), loaded; a commit's tree
         never changes, so the newest `TREE_CACHE` of them are remembered."""
-        with self._cache_lock:
-            specs = self._trees.pop(commit, None)
+        specs = self._trees.get(commit)
         if specs is None:
             specs = [
                 GitSpec(commit=commit, path=f.path, blob=f.blob, loaded=self._load(f))
                 for f in self.repo.files(commit)
                 if _is_spec(f.path)
             ]
-        with self._cache_lock:
-            self._trees[commit] = specs  # re-inserted: dicts keep order, the oldest goes first
-            while len(self._trees) > TREE_CACHE:
-                self._trees.pop(next(iter(self._trees)))
+            self._trees.put(commit, specs)
         return specs
 
     def _load(self, file: TreeFile) -> LoadedBlob:
         fmt = SPEC_SUFFIXES[_suffix(file.path)]
         key = (file.blob, fmt)
-        if key not in self._blobs:
+        loaded = self._blobs.get(key)
+        if loaded is None:
             size = file.size if file.size is not None else self.repo.blob_size(file.blob)
-            self._blobs[key] = (
+            loaded = (
                 _load_blob(self.repo.blob(file.blob), fmt, file.path)
                 if size <= self.max_spec_bytes
                 else _too_large(file.path, size, fmt, self.max_spec_bytes)
             )
-        return self._blobs[key]
+            self._blobs.put(key, loaded)
+        return loaded
 
     def _validate(self, spec: GitSpec, names: frozenset[str]) -> tuple[str, ...]:
         """Problems of a spec file: load errors, then bind and plan errors (cached by blob and
@@ -273,15 +327,17 @@ class GitRegistry:
         if spec.loaded.problems:
             return spec.loaded.problems
         key = (spec.blob, spec.loaded.fmt, names)
-        if key not in self._checked:
+        problems = self._checked.get(key)
+        if problems is None:
             try:
                 self.compile(spec.loaded.text.encode(), spec.loaded.fmt, _source(spec), names)
-                self._checked[key] = ()
+                problems = ()
             except SpecErrors as e:
-                self._checked[key] = tuple(str(err) for err in e.errors)
+                problems = tuple(str(err) for err in e.errors)
             except SpecError as e:
-                self._checked[key] = (str(e),)
-        return self._checked[key]
+                problems = (str(e),)
+            self._checked.put(key, problems)
+        return problems
 
     def served(self) -> dict[str, Resolved]:
         """The version each pipeline of the branch serves as `name`."""
@@ -325,6 +381,45 @@ class GitRegistry:
     def status(self) -> _State:
         """A snapshot of what the last scan found."""
         return self._state
+
+
+class Lru(Generic[K, V]):
+    """A thread-safe map that keeps its `size` most recently used entries."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        """The value of `key` (now the most recently used), None when not held."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: K, value: V) -> None:
+        """Hold `value`, dropping the least recently used entries beyond `size`."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _callee_notes(
+    problems: dict[str, tuple[str, ...]], first: dict[str, tuple[str, ...]], dropped: frozenset[str]
+) -> dict[str, tuple[str, ...]]:
+    """Say why a spec that validated on its own broke once invalid names were taken away."""
+    note = f"calls a pipeline that does not validate at this commit ({', '.join(sorted(dropped))})"
+    return {
+        path: (*found, note) if found and not first[path] else found
+        for path, found in problems.items()
+    }
 
 
 def named(specs: list[GitSpec], name: str) -> GitSpec | None:
@@ -380,11 +475,12 @@ def _name_counts(specs: list[GitSpec]) -> dict[str, int]:
     return counts
 
 
-def _gone(message: str, label: str) -> str:
+def _gone(error: GitError, label: str) -> str:
     """The reason a ref does not resolve, with a hint when it looks like a vanished commit."""
-    if len(label) == 40 and all(c in "0123456789abcdef" for c in label):
+    vanished = isinstance(error, UnknownRefError) and error.reason == NO_COMMIT
+    if vanished and len(label) == 40 and all(c in "0123456789abcdef" for c in label):
         return f"commit {label} is not in the repository (history rewritten and collected?)"
-    return message
+    return str(error)
 
 
 def _is_spec(path: str) -> bool:

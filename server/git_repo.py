@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,23 @@ _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _AUTHOR = re.compile(r"^(?P<name>[^<>\n]{1,100}) <(?P<email>[^<>\s]{1,200})>$")
 # Git ignores these when it reads identity and commit data; we refuse them outright.
-_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
+# Literal pathspecs: a spec file named `a*.yaml` is that file, not a glob over its neighbours.
+_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "LC_ALL": "C",
+    "GIT_LITERAL_PATHSPECS": "1",
+}
+_HEX = re.compile(r"^[0-9a-f]{4,40}$")
+NO_COMMIT = "names no commit"
+# One writer per repository at a time, across every GitRepo object of this process.
+_WRITE_LOCKS: dict[Path, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(git_dir: Path) -> threading.Lock:
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(git_dir, threading.Lock())
 
 
 def check_ref(ref: str) -> str:
@@ -113,9 +131,66 @@ class GitRepo:
         try:
             out = self.run("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
         except GitError as e:
-            reason = "is an ambiguous short commit" if _ambiguous(self, ref) else "names no commit"
+            reason = "is an ambiguous short commit" if _ambiguous(self, ref) else NO_COMMIT
             raise UnknownRefError(ref, reason) from e
         return out.strip()
+
+    def resolve_published(self, ref: str, *, branch: str) -> str:
+        """The commit a request's `ref` names among what the server publishes: a tag, a branch,
+        or a commit (full or unique short sha) in the history of `branch` or of a tag.
+
+        Never HEAD, the stash, remote-tracking refs, notes, or commits no branch or tag holds:
+        they carry content nobody committed to the served history. `UnknownRefError` otherwise.
+        """
+        check_ref(ref)
+        for full in (f"refs/tags/{ref}", f"refs/heads/{ref}"):
+            sha = self._peeled(full)
+            if sha is not None:
+                return sha
+        sha = self._commit_by_id(ref)
+        if not self.published(sha, branch):
+            raise UnknownRefError(ref, f"is not in the history of branch {branch} or of a tag")
+        return sha
+
+    def published(self, sha: str, branch: str) -> bool:
+        """Whether commit `sha` is in the history of `branch` or of any tag."""
+        out = self.run(
+            "for-each-ref",
+            "--count=1",
+            "--format=%(refname)",
+            "--contains",
+            sha,
+            f"refs/heads/{check_ref(branch)}",
+            "refs/tags",
+        )
+        return bool(out.strip())
+
+    def _peeled(self, full_ref: str) -> str | None:
+        """The commit of a full ref name (`refs/tags/x`), None when there is no such ref."""
+        try:
+            out = self.run(
+                "rev-parse", "--verify", "-q", "--end-of-options", f"{full_ref}^{{commit}}"
+            )
+        except GitError:
+            return None
+        return out.strip()
+
+    def _commit_by_id(self, ref: str) -> str:
+        """The commit whose sha is (or starts with) `ref`, by object id only, never by ref name."""
+        if not _HEX.match(ref):
+            raise UnknownRefError(ref, NO_COMMIT)
+        candidates = [ref] if len(ref) == 40 else _prefixed(self, ref)
+        listing = self.run(
+            "cat-file",
+            "--batch-check=%(objecttype) %(objectname)",
+            stdin="\n".join(candidates).encode(),
+        )
+        commits = [line.split()[1] for line in listing.splitlines() if line.startswith("commit ")]
+        if len(commits) > 1:
+            raise UnknownRefError(ref, "is an ambiguous short commit")
+        if not commits:
+            raise UnknownRefError(ref, NO_COMMIT)
+        return commits[0]
 
     def has_commit(self, sha: str) -> bool:
         """Whether the object store still holds commit `sha` (reachable or not)."""
@@ -194,31 +269,50 @@ class GitRepo:
         overwritten. Returns the new commit's sha (the branch head when nothing changed).
         """
         name, email = parse_author(author)
+        # Serialized per repository: each commit's parent is the one before it, so concurrent
+        # posts all land instead of failing the compare-and-swap (or worse, racing on an index).
+        with _write_lock(self.git_dir):
+            return self._commit_file(
+                branch=branch, path=path, content=content, identity=(name, email), message=message
+            )
+
+    def _commit_file(
+        self, *, branch: str, path: str, content: bytes, identity: tuple[str, str], message: str
+    ) -> str:
         parent = self.resolve(branch)
         blob = self.run("hash-object", "-w", "--stdin", stdin=content).strip()
-        index = {"GIT_INDEX_FILE": str(self.git_dir / f"compound-index-{os.getpid()}")}
-        try:
-            self.run("read-tree", parent, env=index)
-            self.run("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=index)
-            tree = self.run("write-tree", env=index).strip()
-        finally:
-            Path(index["GIT_INDEX_FILE"]).unlink(missing_ok=True)
+        tree = self._tree_with(parent, path, blob)
         if tree == self.run("rev-parse", f"{parent}^{{tree}}").strip():
             return parent  # the branch holds this content already: nothing to commit
-        identity = {
-            "GIT_AUTHOR_NAME": name,
-            "GIT_AUTHOR_EMAIL": email,
+        env = {
+            "GIT_AUTHOR_NAME": identity[0],
+            "GIT_AUTHOR_EMAIL": identity[1],
             "GIT_COMMITTER_NAME": "compound",
             "GIT_COMMITTER_EMAIL": "compound@localhost",
         }
-        sha = self.run(
-            "commit-tree", tree, "-p", parent, stdin=message.encode(), env=identity
-        ).strip()
+        sha = self.run("commit-tree", tree, "-p", parent, stdin=message.encode(), env=env).strip()
         try:
             self.run("update-ref", f"refs/heads/{branch}", sha, parent)
         except GitError as e:
             raise GitConflictError(f"branch {branch} moved while committing; try again") from e
         return sha
+
+    def _tree_with(self, parent: str, path: str, blob: str) -> str:
+        """The tree of `parent` with `blob` at `path`, built in a scratch index of its own (a
+        shared one would let one commit write another's half-built tree)."""
+        with tempfile.TemporaryDirectory(dir=self.git_dir, prefix="compound-index-") as scratch:
+            index = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+            self.run("read-tree", parent, env=index)
+            self.run("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=index)
+            return self.run("write-tree", env=index).strip()
+
+
+def _prefixed(repo: GitRepo, prefix: str) -> list[str]:
+    """Every object whose sha starts with `prefix` (4 hex digits or more)."""
+    try:
+        return repo.run("rev-parse", "--disambiguate=" + prefix).split()
+    except GitError:
+        return []
 
 
 def _ambiguous(repo: GitRepo, ref: str) -> bool:

@@ -31,6 +31,7 @@ from planner import (
 )
 from server.catalog import build_catalog, spec_files, spec_format, split_ref
 from server.config import LimitsConfig
+from server.db import MAX_REF_CHARS
 from server.errors import (
     CommitRequiredError,
     GitError,
@@ -192,6 +193,10 @@ class PipelineService:
         Raises `PipelineNotFoundError` naming the ref (404), `SpecErrors` when the spec at
         that ref does not validate (422). Synchronous: call it in a worker thread.
         """
+        if len(ref) > MAX_REF_CHARS:
+            raise PipelineNotFoundError(
+                f"{ref[:64]}...", reason=f"a reference is at most {MAX_REF_CHARS} characters"
+            )
         name, label = split_ref(ref)
         if label is not None and label.isdigit():
             return Resolved.of(self.store.get_pipeline(name, int(label)), ref)
@@ -239,9 +244,11 @@ class PipelineService:
         commit does not have (REST pipelines) resolve as anywhere else."""
         name, label = split_ref(ref)
         names = self._names_at(commit) if label is None else None
-        if names is None or name not in names:
+        if self.registry is None or commit is None or names is None or name not in names:
             return self.resolve(ref)
-        return self.resolve(f"{name}@{commit}")
+        # The caller's own commit, resolved by the server: read it even where no branch or tag
+        # holds it any more (a request could not name it, but its caller ran from it).
+        return self.registry.lookup_at(name, commit, ref=f"{name}@{commit}")
 
     def _names_at(self, commit: str | None) -> frozenset[str] | None:
         """The pipeline names of a registry commit; None without one or when git lacks it."""
