@@ -6,9 +6,11 @@ so runs take milliseconds and their outputs say which version ran.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from engine import Engine
 from server.app import create_app
 from server.config import ServerConfig
 from server.errors import BadRefError
-from server.git_repo import check_ref
+from server.git_registry import Lru
+from server.git_repo import GitRepo, check_ref
 from tests.server.git_fixtures import AUTHOR, Repo, calc_spec
 
 Client = TestClient[Litestar]
@@ -462,3 +465,160 @@ def test_a_chat_model_names_a_tag_of_a_git_pipeline(client: Client, repo: Repo) 
         "/v1/chat/completions", json={"model": "ask@no-such-tag", "messages": messages}
     )
     assert missing.status_code == 404, missing.text
+
+
+CALLER = (
+    "name: caller\nsteps:\n  c:\n    pipeline: {name: callee}\n"
+    'outputs:\n  v: "{{ steps.c.output.value }}"\n'
+)
+
+
+def post_calc(client: Client, i: int) -> Any:
+    """POST (and commit) a calc pipeline `posted-<i>` computing `i * 2`."""
+    return client.post(
+        "/v1/pipelines",
+        content=calc_spec(f"posted-{i}", f"{i} * 2"),
+        headers={"content-type": "application/yaml"},
+        params={"author": AUTHOR, "message": f"post {i}"},
+    )
+
+
+def test_concurrent_posts_all_land_in_the_history(
+    tmp_path: Path, repo: Repo, demo_engine: Engine
+) -> None:
+    for client in serve(tmp_path, repo, demo_engine, commit_posted=True):
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(partial(post_calc, client), range(8)))
+        assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers]
+        files = set(repo.git("ls-tree", "--name-only", "main").split())
+        assert files == {"calc.yaml"} | {f"posted-{i}.yaml" for i in range(8)}
+        assert len(repo.git("rev-list", "main").split()) == 9  # one commit per post
+        assert not list(Path(repo.path / ".git").glob("compound-index-*"))  # scratch removed
+        assert run(client, "posted-7")["outputs"] == {"value": 14}
+
+
+def test_only_tags_branches_and_published_commits_resolve(client: Client, repo: Repo) -> None:
+    hidden = repo.commit("not published", **{"calc.yaml": calc_spec(NAME, "666")})
+    repo.git("reset", "-q", "--hard", "HEAD~1")  # ORIG_HEAD and the reflog still hold it
+    repo.git("update-ref", "refs/remotes/origin/evil", hidden)
+    repo.git("notes", "add", "-m", "a note", "HEAD")
+    (repo.path / "calc.yaml").write_text(calc_spec(NAME, "667"))
+    repo.git("stash", "-q")
+    labels = ["stash", "refs/stash", "HEAD", "ORIG_HEAD", "origin/evil", "refs/notes/commits"]
+    for label in [*labels, "remotes/origin/evil", hidden, hidden[:10]]:
+        response = client.post(f"/v1/pipelines/{NAME}/runs", json={"ref": label})
+        assert response.status_code == 404, (label, response.text)
+        assert f"{NAME}@{label}" in response.json()["error"]["message"], label
+    assert "not in the history of branch main" in not_found(client, f"{NAME}@{hidden}")
+
+    # A side branch is published by name; a caller there calls the callee of its own commit.
+    repo.git("checkout", "-q", "-b", "side")
+    side = repo.commit(
+        "side", **{"callee.yaml": calc_spec("callee", "5 * 5"), "caller.yaml": CALLER}
+    )
+    repo.git("checkout", "-q", "main")
+    ran = run(client, "caller@side")
+    assert ran["outputs"] == {"v": 25} and ran["commit"] == side
+    main = repo.head()
+    assert run(client, f"{NAME}@{main[:8]}")["outputs"] == {"value": 2}
+
+
+def test_a_spec_that_does_not_load_keeps_its_name_and_last_good_version(
+    client: Client, repo: Repo
+) -> None:
+    breakages = {
+        "yaml typo": calc_spec(NAME, "2") + "  bad: [\n",
+        "unknown field": calc_spec(NAME, "3") + "extra_field: 1\n",
+    }
+    for message, text in breakages.items():
+        bad = repo.commit(message, **{"calc.yaml": text})
+        status = reload(client)
+        assert status["removed"] == {} and NAME in status["pipelines"], message
+        problems = {p["path"]: p for p in status["problems"]}
+        assert problems["calc.yaml"]["name"] == NAME and problems["calc.yaml"]["commit"] == bad
+        assert run(client, NAME)["outputs"] == {"value": 2}, message
+    repo.commit("fix", **{"calc.yaml": calc_spec(NAME, "4 + 4")})
+    assert reload(client)["problems"] == []
+    assert run(client, NAME)["outputs"] == {"value": 8}
+
+
+def test_a_refresh_never_scans_an_older_head_over_a_newer_one(client: Client, repo: Repo) -> None:
+    registry = client.app.state.pipelines.registry
+    resolved, release = threading.Event(), threading.Event()
+    real = registry.repo.resolve
+
+    def slow(ref: str) -> str:
+        sha = real(ref)
+        if threading.current_thread().name == "slow-poll":
+            resolved.set()
+            release.wait(10)
+        return sha
+
+    registry.repo.resolve = slow
+    old = repo.commit("old", **{"calc.yaml": calc_spec(NAME, "2 + 3")})
+    poll = threading.Thread(target=registry.refresh, name="slow-poll")
+    poll.start()
+    assert resolved.wait(10)  # the slow poll has read `old` as the head
+    new = repo.commit("new", **{"calc.yaml": calc_spec(NAME, "3 + 3")})
+    fast = threading.Thread(target=registry.refresh)
+    fast.start()
+    fast.join(0.5)  # reading the head outside the lock, it would scan `new` now...
+    release.set()  # ...and the slow poll would then scan `old` over it
+    poll.join(10)
+    fast.join(10)
+    assert old != new and registry.status().head == new
+    assert run(client, NAME)["outputs"] == {"value": 6}
+
+
+def test_a_caller_keeps_its_last_good_version_while_its_callee_is_broken(
+    client: Client, repo: Repo
+) -> None:
+    good = repo.commit(
+        "two", **{"callee.yaml": calc_spec("callee", "3 * 3"), "caller.yaml": CALLER}
+    )
+    reload(client)
+    assert run(client, "caller")["outputs"] == {"v": 9}
+    bad = calc_spec("callee", "4").replace("tools: [calc]", "tools: [no.such.tool]")
+    repo.commit("break callee", **{"callee.yaml": bad})
+    status = reload(client)
+    assert status["pipelines"]["caller"] == good and status["pipelines"]["callee"] == good
+    problems = {p["path"]: p["problems"] for p in status["problems"]}
+    assert any("no.such.tool" in m for m in problems["callee.yaml"])
+    assert any("callee" in m and "does not validate" in m for m in problems["caller.yaml"])
+    assert run(client, "caller")["outputs"] == {"v": 9}  # the caller and callee of `good`
+    fixed = repo.commit("fix callee", **{"callee.yaml": calc_spec("callee", "5 * 5")})
+    status = reload(client)
+    assert status["pipelines"] == {
+        NAME: status["pipelines"][NAME],
+        "callee": fixed,
+        "caller": fixed,
+    }
+    assert run(client, "caller")["outputs"] == {"v": 25}
+
+
+def test_history_paths_are_literal_not_globs(repo: Repo) -> None:
+    star = repo.commit("star", **{"a*.yaml": calc_spec("star", "1")})
+    other = repo.commit("other", **{"ab.yaml": calc_spec("ab", "2")})
+    git = GitRepo(repo.path)
+    assert git.history("main", "a?.yaml") == []  # as a glob it would match both files
+    starred = [c.commit for c in git.history("main", "a*.yaml")]
+    assert starred[0] == star and other not in starred
+
+
+def test_a_ref_too_long_to_record_is_refused_with_a_4xx(client: Client) -> None:
+    ref = f"{'n' * 64}@{'v' * 200}"  # a valid name and a valid ref: 265 characters
+    for response in (
+        client.post(f"/v1/pipelines/{ref}/runs", json={"inputs": {}}),
+        client.post(f"/v1/pipelines/{NAME}@{'v' * 200}{'w' * 60}/runs", json={"inputs": {}}),
+    ):
+        assert response.status_code == 404, response.text
+        assert "at most 256 characters" in response.json()["error"]["message"]
+
+
+def test_caches_keep_only_the_most_recently_used() -> None:
+    cache: Lru[str, int] = Lru(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # `a` is now the most recent
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
