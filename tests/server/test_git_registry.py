@@ -467,7 +467,7 @@ def test_a_chat_model_names_a_tag_of_a_git_pipeline(client: Client, repo: Repo) 
     assert missing.status_code == 404, missing.text
 
 
-CALLER = (
+CALLS_CALLEE = (
     "name: caller\nsteps:\n  c:\n    pipeline: {name: callee}\n"
     'outputs:\n  v: "{{ steps.c.output.value }}"\n'
 )
@@ -514,7 +514,7 @@ def test_only_tags_branches_and_published_commits_resolve(client: Client, repo: 
     # A side branch is published by name; a caller there calls the callee of its own commit.
     repo.git("checkout", "-q", "-b", "side")
     side = repo.commit(
-        "side", **{"callee.yaml": calc_spec("callee", "5 * 5"), "caller.yaml": CALLER}
+        "side", **{"callee.yaml": calc_spec("callee", "5 * 5"), "caller.yaml": CALLS_CALLEE}
     )
     repo.git("checkout", "-q", "main")
     ran = run(client, "caller@side")
@@ -574,7 +574,7 @@ def test_a_caller_keeps_its_last_good_version_while_its_callee_is_broken(
     client: Client, repo: Repo
 ) -> None:
     good = repo.commit(
-        "two", **{"callee.yaml": calc_spec("callee", "3 * 3"), "caller.yaml": CALLER}
+        "two", **{"callee.yaml": calc_spec("callee", "3 * 3"), "caller.yaml": CALLS_CALLEE}
     )
     reload(client)
     assert run(client, "caller")["outputs"] == {"v": 9}
