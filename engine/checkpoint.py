@@ -167,35 +167,56 @@ def load_model(
 
 
 def _check_keys(model: Transformer, state: dict, args: ModelArgs, path: Path) -> None:
-    expected = set(model.state_dict().keys())
+    expected = model.state_dict()
     tied = args.tie_word_embeddings
     optional = {k for k in expected if k.startswith("lm_head.")} if tied else set()
-    missing = sorted(expected - optional - state.keys())
+    missing = sorted(expected.keys() - optional - state.keys())
     if missing:
         raise CheckpointError(
             f"tensor missing from the weights ({len(missing)} missing in all)",
             file=str(weight_files(path)[0]),
             field=missing[0],
         )
-    for name in expected & state.keys():
-        expected_t = model.state_dict()[name]
-        want = tuple(expected_t.shape)
-        if _leaf(name) == "qweight" and state[name].dtype != expected_t.dtype:
-            raise QuantizationError(
-                f"dtype {state[name].dtype} does not match the quantization_config "
-                f"({expected_t.dtype})",
-                file=str(weight_files(path)[0]),
-                field=name,
-            )
-        if tuple(state[name].shape) != want:
-            raise CheckpointError(
-                f"shape {tuple(state[name].shape)} does not match config.json ({want})",
-                file=str(weight_files(path)[0]),
-                field=name,
-            )
+    for name in sorted(expected.keys() & state.keys()):
+        _check_tensor(name, state[name], expected[name], path)
+    _warn_extra(state, expected, path)
+
+
+def _warn_extra(state: dict, expected: dict, path: Path) -> None:
+    """Tensors the model has no place for are ignored, with one warning."""
     extra = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
     if extra:
         log.warning("%s: ignoring %d unexpected tensors, e.g. %s", path, len(extra), extra[0])
+
+
+def _check_tensor(name: str, got: torch.Tensor, want: torch.Tensor, path: Path) -> None:
+    """Shape, and for quantized leaves (stored as is, not cast) dtype too: a wrong scale or
+    zero-point dtype would load and then fail every forward pass inside the engine step."""
+    quantized = _leaf(name) in QUANTIZED_LEAVES
+    if quantized and got.dtype != want.dtype:
+        raise QuantizationError(
+            f"dtype {got.dtype} does not match the quantization_config ({want.dtype})",
+            file=_shard_of(path, name),
+            field=name,
+        )
+    if got.shape != want.shape:
+        error = QuantizationError if quantized else CheckpointError
+        raise error(
+            f"shape {tuple(got.shape)} does not match config.json ({tuple(want.shape)})",
+            file=_shard_of(path, name),
+            field=name,
+        )
+
+
+def _shard_of(path: Path, name: str) -> str:
+    """The weight file that holds tensor `name` (headers only; called on the error path)."""
+    files = weight_files(path)
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            names = st.keys()  # a safe_open handle has no __contains__
+        if name in names:
+            return str(f)
+    return str(files[0])
 
 
 def quantize_checkpoint(src: str | Path, scheme: str, out: str | Path) -> dict:

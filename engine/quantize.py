@@ -209,6 +209,15 @@ def quantized_shapes(out_features: int, in_features: int, config: QuantConfig) -
 # -- modules -------------------------------------------------------------------------------------
 
 
+def scaled_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] @ (qweight [N, K] * scales [N])^T in x's dtype: the per-channel fallback.
+
+    The weight is dequantized before the matmul: multiplying raw int8 / fp8 values (up to 127
+    / 448) by fp16 activations and scaling afterwards overflows fp16's 65504 on long rows."""
+    w = qweight.to(x.dtype).mul_(scales.to(x.dtype)[:, None])
+    return F.linear(x, w)
+
+
 class QuantizedLinear(nn.Module):
     """Base of the quantized linears: canonical buffers, a bias, the activations' dtype."""
 
@@ -307,7 +316,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
             xb = x.to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self._scales_bf16)
             return y.to(x.dtype)
-        return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return scaled_matmul(x, self.qweight, self.scales)
 
     def prepare(self) -> QuantizedLinear:
         self._scales_bf16 = self.scales.to(torch.bfloat16)
@@ -385,7 +394,7 @@ class Fp8Linear(QuantizedLinear):
         aligned = self.in_features % 16 == 0 and self.out_features % 16 == 0
         if x.is_cuda and aligned and _has_fp8_mm(x.device):
             return _fp8_scaled_mm(x, self.qweight, self.scales)
-        return F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return scaled_matmul(x, self.qweight, self.scales)
 
 
 def _has_fp8_mm(device: torch.device) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine import Engine, SamplingParams
@@ -31,6 +32,7 @@ from engine.quantize import (
     quantize_int4,
     quantize_int8,
     quantize_weight,
+    scaled_matmul,
     unpack_int4,
 )
 
@@ -120,6 +122,24 @@ def test_quantized_linear_matches_dequantized_reference(
     assert (module(x) - ref).abs().max().item() <= tol
     assert (module(x) - linear(x)).abs().max().item() > 1e-4  # really quantized
     assert module(x.view(1, rows, 128)).shape == (1, rows, out_features)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_fallback_matmul_does_not_overflow_fp16(scheme: str) -> None:
+    # Raw int8 (127) / fp8 (448) values times activations of 8 over 256 inputs sum past fp16's
+    # 65504 unless the weight is scaled first; the scaled product is ~200.
+    config = parse_scheme(scheme)
+    weight = torch.full((16, 256), 0.1)
+    tensors = quantize_weight(weight, config)
+    x = torch.full((3, 256), 8.0, dtype=torch.float16)
+    want = x.float() @ dequantize_weight(tensors, config, torch.float32).t()
+    y = scaled_matmul(x, tensors["qweight"], tensors["scales"])
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert torch.allclose(y.float(), want, rtol=1e-2)
+    if scheme == "fp8":  # the CPU path of the module is that fallback
+        module = LINEAR_CLASSES[scheme].from_linear(nn.Linear(256, 16, bias=False), config)
+        module.load_tensors(tensors)
+        assert torch.allclose(module.prepare()(x).float(), want, rtol=1e-2)
 
 
 def test_int4_cpu_packing_drops_the_canonical_copy_and_still_dequantizes() -> None:
@@ -224,6 +244,22 @@ def test_bad_quantized_checkpoints_name_the_field(build_variant, tmp_path: Path)
     assert e.value.field is not None and e.value.field.endswith(".zeros")
     with Engine(device="cpu") as eng, pytest.raises(QuantizationError):
         eng.load_model("x", build_variant("llama"), quantization="int5")
+
+
+@pytest.mark.parametrize("leaf", ["scales", "qweight"])
+def test_quantized_leaf_of_wrong_dtype_names_its_shard(
+    build_variant, tmp_path: Path, leaf: str
+) -> None:
+    quantize_checkpoint(build_variant("llama"), "int8", tmp_path / "q")
+    shard = next((tmp_path / "q").glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in sorted(tensors) if n.endswith("." + leaf))
+    tensors[name] = tensors[name].to(torch.float16)
+    save_file(tensors, shard)
+    with Engine(device="cpu") as eng, pytest.raises(QuantizationError) as e:
+        eng.load_model("q", tmp_path / "q")
+    assert e.value.field == name and e.value.file == str(shard)
+    assert "float16" in str(e.value)
 
 
 def test_batching_and_prefix_cache_match_each_request_alone(build_variant) -> None:
