@@ -11,8 +11,14 @@ grammar):
     each step: Sampler masks the row with allowed() ─► choose ─► worker calls advance(token)
 
 EOS is in the mask only where the grammar accepts, and the worker ends the request as soon as
-`done()` says nothing more may follow, so a constrained output always parses. `rollback`
-undoes tokens for speculative decoding (drafts checked with `advance`, rejected ones undone).
+`done()` says nothing more may follow, so a constrained output always parses. A row whose mask
+allows no token at all (the parser in an error state) finishes with finish_reason "error" and
+the parser's message instead of sampling from an all -inf row.
+
+Speculative decoding does not check drafts against the grammar: under speculation a
+constrained request gets no drafts and decodes one plain token per step (engine/spec_decode.py
+skips it), which is lossless. `valid_prefix` and `rollback` exist for checking drafts but the
+engine does not call them today.
 
     >>> from engine.sampling import SamplingParams
     >>> grammar_source(SamplingParams(choice=("yes", "no")))
@@ -22,6 +28,8 @@ undoes tokens for speculative decoding (drafts checked with `advance`, rejected 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,8 +48,13 @@ CONSTRAINT_PARAMS = ("grammar", "json_schema", "regex", "choice")
 # JSON in the layout of Python's json.dumps, which models mostly saw in training; free
 # whitespace lets a weak model emit blanks until max_tokens. A schema's "x-guidance" overrides.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Grammars come from the network: bound the work one request may ask of the parser.
-_LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, step_lexer_fuel=2_000_000)
+# Grammars come from the network: bound the work one request may ask of the parser. llguidance's
+# defaults (step_lexer_fuel 200k, max_grammar_size 500k) keep one token's mask to about a
+# millisecond; masks are computed inside the engine step, so more fuel per request would stall
+# every request of the batch, and a grammar that needs more is refused with a parser error.
+_LIMITS = llguidance.LLParserLimits()
+# Compiled grammars kept per model (each holds its lexer tables: up to a few MB for big ones).
+GRAMMAR_CACHE_SIZE = 32
 
 
 def grammar_source(params: SamplingParams) -> tuple[str, str] | None:
@@ -64,9 +77,9 @@ def _llguidance_grammar(kind: str, text: str) -> str:
         return llguidance.LLMatcher.grammar_from_regex(text)
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_LAYOUT)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InvalidRequestError(
-            f"json_schema is not a JSON object: {e}", param="json_schema"
+            f"json_schema is not a usable JSON schema: {e}", param="json_schema"
         ) from None
 
 
@@ -118,41 +131,82 @@ class TokenConstraint:
 
 
 class ConstraintCompiler:
-    """Builds `TokenConstraint`s for one model; the tokenizer bridge is built once, lazily."""
+    """Builds `TokenConstraint`s for one model; the tokenizer bridge is built once, lazily.
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    Compiled grammars are kept in a small LRU keyed by (kind, text) (the compiler belongs to one
+    model, so the model is part of the key): pipelines send the same schema request after
+    request, and a copy of a compiled matcher costs far less than compiling it again. Requests
+    compile from several threads (the server's worker threads, `Engine.generate` callers), so
+    the cache and the bridge are guarded by a lock."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        cache_size: int = GRAMMAR_CACHE_SIZE,
+    ) -> None:
         self._tokenizer = tokenizer
         # The logits may be wider than the tokenizer (padded heads): masks cover the logits.
         self.vocab_size = max(vocab_size, tokenizer.vocab_size)
         self._eos = list(eos_token_ids)
         self._bridge: llguidance.LLTokenizer | None = None
+        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     @property
     def bridge(self) -> llguidance.LLTokenizer:
         """llguidance's view of the tokenizer (byte string per token id), cached."""
-        if self._bridge is None:
-            self._bridge = llguidance.LLTokenizer(
-                self._tokenizer.backend_json(),
-                n_vocab=self.vocab_size,
-                eos_token=self._eos or None,
-            )
-        return self._bridge
+        with self._lock:
+            if self._bridge is None:
+                self._bridge = llguidance.LLTokenizer(
+                    self._tokenizer.backend_json(),
+                    n_vocab=self.vocab_size,
+                    eos_token=self._eos or None,
+                )
+            return self._bridge
 
     def compile(self, params: SamplingParams) -> TokenConstraint | None:
         """The request's constraint, or None; raises `InvalidRequestError` for a bad grammar."""
         source = grammar_source(params)
         if source is None:
             return None
-        kind, text = source
-        param = _param_of(params)
-        grammar = _llguidance_grammar(kind, text)
+        template = self._cached(source)
+        if template is None:
+            template = self._compile(source, _param_of(params))
+            self._store(source, template)
+        with self._lock:
+            matcher = template.deep_copy()  # the template never advances: a fresh state
+        return TokenConstraint(matcher, self.vocab_size)
+
+    def _compile(self, source: tuple[str, str], param: str) -> llguidance.LLMatcher:
+        grammar = _llguidance_grammar(*source)
         matcher = llguidance.LLMatcher(self.bridge, grammar, log_level=0, limits=_LIMITS)
         if matcher.is_error():
             raise InvalidRequestError(
                 f"{param} is not a valid {_DESCRIPTION[param]}: {matcher.get_error().strip()}",
                 param=param,
             )
-        return TokenConstraint(matcher, self.vocab_size)
+        return matcher
+
+    def _cached(self, source: tuple[str, str]) -> llguidance.LLMatcher | None:
+        with self._lock:
+            matcher = self._cache.get(source)
+            if matcher is not None:
+                self._cache.move_to_end(source)
+            return matcher
+
+    def _store(self, source: tuple[str, str], matcher: llguidance.LLMatcher) -> None:
+        with self._lock:
+            self._cache[source] = matcher
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    @property
+    def cached_grammars(self) -> int:
+        """How many compiled grammars the LRU holds."""
+        return len(self._cache)
 
 
 _DESCRIPTION = {

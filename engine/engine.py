@@ -256,12 +256,6 @@ class Engine:
     def unload_model(self, name: str) -> None:
         """Abort the model's requests and free its memory."""
 
-        users = self.drafts_of(name)
-        if users:
-            raise InvalidRequestError(
-                f"model {name!r} is the draft model of {users}; unload those first", param="name"
-            )
-
         def unload() -> None:
             with self._lock:
                 worker = self._workers.pop(name, None)
@@ -269,7 +263,16 @@ class Engine:
                 raise ModelNotFoundError(name)
             worker.abort_all(reason="abort", error=f"model {name!r} was unloaded")
 
-        self._in_loop(unload)
+        # Under the load lock: a load_model naming `name` as its draft between the check and
+        # the unload would otherwise keep a speculator pointing at a freed worker.
+        with self._load_lock:
+            users = self.drafts_of(name)
+            if users:
+                raise InvalidRequestError(
+                    f"model {name!r} is the draft model of {users}; unload those first",
+                    param="name",
+                )
+            self._in_loop(unload)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -461,7 +464,9 @@ class Engine:
         """Async stream of deltas; the request is aborted if the consumer stops early."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamDelta] = asyncio.Queue()
-        request_id = self.submit(request, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+        request_id = await self._submit_off_loop(
+            request, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d)
+        )
         finished = False
         try:
             while not finished:
@@ -473,6 +478,23 @@ class Engine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def _submit_off_loop(self, request: GenerationRequest, sink: Sink) -> str:
+        """`submit` in a worker thread: tokenizing and compiling a grammar take milliseconds to
+        seconds, and on the event loop they would stall every other request of the server.
+
+        A consumer cancelled meanwhile cannot abort a request it has no id for: the submission
+        finishes in its thread and the request is aborted then."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.submit, request, sink))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._abort_submitted)
+            raise
+
+    def _abort_submitted(self, task: asyncio.Future[str]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.abort(task.result())
 
     def logits(self, name: str, token_ids: Seq[int]) -> torch.Tensor:
         """Logits [len(token_ids), vocab] (float32, CPU) of one forward pass over the tokens."""

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from engine.constraints import TokenConstraint
 
 MAX_LOGPROBS = 20
+# Size limits of the constraint parameters (the server's request types use the same numbers).
+MAX_CONSTRAINT_CHARS = 64 * 1024
+MAX_CHOICES = 1024
+MAX_CHOICE_CHARS = 1024
 # Below this temperature logits / T overflows float32; such requests are decoded greedily.
 GREEDY_TEMPERATURE = 1e-5
 # The range torch.Generator.manual_seed accepts.
@@ -122,7 +126,8 @@ _CHECKS: tuple[tuple[str, Callable[[SamplingParams], bool], str], ...] = (
 
 
 def _validate_constraint(params: SamplingParams) -> None:
-    """At most one constraint; a JSON schema is a JSON object; choices are non-empty strings."""
+    """At most one constraint, within the size limits; a JSON schema is a JSON object; choices
+    are non-empty strings; no min_tokens (a grammar may end the output before it)."""
     given = [
         name
         for name in ("grammar", "json_schema", "regex", "choice")
@@ -133,22 +138,56 @@ def _validate_constraint(params: SamplingParams) -> None:
             f"give at most one of grammar, json_schema, regex and choice, got {', '.join(given)}",
             param=given[1],
         )
+    if given and params.min_tokens:
+        # The worker ends a constrained request once the grammar is complete, and masking EOS
+        # while min_tokens pends can leave a row with no allowed token: refuse the mix.
+        raise InvalidRequestError(
+            f"min_tokens cannot be combined with {given[0]}", param="min_tokens"
+        )
+    _validate_constraint_sizes(params)
     for name in ("grammar", "regex"):
         if getattr(params, name) == "":
             raise InvalidRequestError(f"{name} must not be empty", param=name)
     if params.choice and not all(params.choice):
         raise InvalidRequestError("choice must not contain an empty string", param="choice")
-    if params.json_schema is not None:
-        try:
-            schema = json.loads(params.json_schema)
-        except json.JSONDecodeError as e:
+    _validate_json_schema(params)
+
+
+def _validate_constraint_sizes(params: SamplingParams) -> None:
+    """Grammars are compiled per request from network input: bound their size."""
+    for name in ("grammar", "json_schema", "regex"):
+        text = getattr(params, name)
+        if text is not None and len(text) > MAX_CONSTRAINT_CHARS:
             raise InvalidRequestError(
-                f"json_schema is not valid JSON: {e}", param="json_schema"
-            ) from None
-        if not isinstance(schema, dict | bool):
-            raise InvalidRequestError(
-                "json_schema must be a JSON object (a JSON schema)", param="json_schema"
+                f"{name} must be at most {MAX_CONSTRAINT_CHARS} characters, got {len(text)}",
+                param=name,
             )
+    if len(params.choice) > MAX_CHOICES:
+        raise InvalidRequestError(
+            f"choice must have at most {MAX_CHOICES} entries, got {len(params.choice)}",
+            param="choice",
+        )
+    if any(len(c) > MAX_CHOICE_CHARS for c in params.choice):
+        raise InvalidRequestError(
+            f"each choice must be at most {MAX_CHOICE_CHARS} characters", param="choice"
+        )
+
+
+def _validate_json_schema(params: SamplingParams) -> None:
+    """The schema text parses (without blowing the stack) to a JSON object or boolean."""
+    if params.json_schema is None:
+        return
+    try:
+        schema = json.loads(params.json_schema)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise InvalidRequestError(
+            f"json_schema is not valid JSON: {why}", param="json_schema"
+        ) from None
+    if not isinstance(schema, dict | bool):
+        raise InvalidRequestError(
+            "json_schema must be a JSON object (a JSON schema)", param="json_schema"
+        )
 
 
 class SamplingState:

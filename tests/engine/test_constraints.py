@@ -6,11 +6,18 @@ import json
 import re
 
 import jsonschema
+import llguidance
 import pytest
 import torch
 
-from engine import Engine, InvalidRequestError, SamplingParams
-from engine.sampling import Sampler, SamplingState
+from engine import Engine, InvalidRequestError, SamplingParams, constraints
+from engine.sampling import (
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
+    MAX_CONSTRAINT_CHARS,
+    Sampler,
+    SamplingState,
+)
 
 SCHEMA = {
     "type": "object",
@@ -141,6 +148,15 @@ def test_advance_refuses_a_forbidden_token_and_rollback_restores(eng):
     assert constraint.advance(ids[0])
 
 
+def _nested_schema(depth: int) -> str:
+    """An object schema nested `depth` levels (within Python's recursion limit, past llguidance's)."""
+    return (
+        '{"type": "object", "properties": {"a": ' * depth
+        + '{"type": "integer"}'
+        + '}, "required": ["a"]}' * depth
+    )
+
+
 @pytest.mark.parametrize(
     ("params", "param"),
     [
@@ -150,9 +166,47 @@ def test_advance_refuses_a_forbidden_token_and_rollback_restores(eng):
         (SamplingParams(json_schema="[1, 2]"), "json_schema"),
         (SamplingParams(regex="a", choice=("a",)), "choice"),
         (SamplingParams(choice=("a", "")), "choice"),
+        (SamplingParams(json_schema="[" * 5000 + "]" * 5000), "json_schema"),
+        (SamplingParams(json_schema=_nested_schema(120)), "json_schema"),
+        (SamplingParams(grammar="start: " + '"a" | ' * 20_000 + '"b"'), "grammar"),
+        (SamplingParams(regex="a" * (MAX_CONSTRAINT_CHARS + 1)), "regex"),
+        (SamplingParams(choice=tuple(str(i) for i in range(MAX_CHOICES + 1))), "choice"),
+        (SamplingParams(choice=("a", "b" * (MAX_CHOICE_CHARS + 1))), "choice"),
+        (SamplingParams(regex="a+", min_tokens=2), "min_tokens"),
     ],
 )
 def test_bad_constraints_are_typed_errors(eng, params, param):
     with pytest.raises(InvalidRequestError) as info:
         eng.generate(["x"], params, model="tiny")
     assert info.value.param == param
+    assert "Traceback" not in str(info.value) and "not a JSON object" not in str(info.value)
+
+
+def test_compiled_grammars_are_cached_per_text_and_copied_per_request(eng):
+    compiler = eng._worker("tiny").constraints
+    params = SamplingParams(regex="(ab)+c", max_tokens=8, temperature=0.0)
+    first, second = compiler.compile(params), compiler.compile(params)
+    cached = compiler.cached_grammars
+    assert first is not second and first._matcher is not second._matcher
+    ab = eng.tokenizer("tiny").encode("ab", add_special_tokens=False)
+    assert all(first.advance(t) for t in ab)
+    assert not torch.equal(first.allowed(), second.allowed())  # states are independent
+    assert compiler.compile(params) is not None and compiler.cached_grammars == cached
+    assert re.fullmatch("(ab)+c?", _one(eng, params).text)
+
+
+def test_grammar_cache_keeps_the_most_recent(tiny_llama):
+    from engine.constraints import ConstraintCompiler
+    from engine.tokenizer import Tokenizer
+
+    compiler = ConstraintCompiler(Tokenizer.from_dir(tiny_llama), 512, [2], cache_size=2)
+    for text in ("a+", "b+", "a+", "c+"):
+        compiler.compile(SamplingParams(regex=text))
+    assert [k[1] for k in compiler._cache] == ["a+", "c+"]
+
+
+def test_parser_work_per_step_is_within_llguidance_defaults():
+    # More fuel per step would let one request's mask stall the whole batch's engine step.
+    limits, default = constraints._LIMITS, llguidance.LLParserLimits()
+    assert limits.step_lexer_fuel <= default.step_lexer_fuel
+    assert limits.max_grammar_size <= default.max_grammar_size

@@ -3,6 +3,8 @@ several models, stop conditions, seeds, streaming, errors."""
 
 import asyncio
 import random
+import threading
+import time
 
 import pytest
 
@@ -97,6 +99,21 @@ def test_several_models_in_one_engine_load_and_unload(tiny_llama, tiny_qwen2):
         assert e.generate(["x y z"], GREEDY, model="a")[0].token_ids == a.token_ids
 
 
+def test_unload_waits_for_a_load_in_progress(tiny_llama):
+    # The draft-model check and the unload run under the load lock: a load naming the model
+    # as its draft cannot slip in between them.
+    with Engine() as e:
+        e.load_model("a", tiny_llama)
+        done = threading.Event()
+        with e._load_lock:  # a load_model in progress
+            worker = threading.Thread(target=lambda: (e.unload_model("a"), done.set()))
+            worker.start()
+            assert not done.wait(0.3)
+            assert "a" in e.model_names()
+        worker.join(timeout=30)
+        assert done.is_set() and "a" not in e.model_names()
+
+
 def test_memory_budget_is_enforced(tiny_llama):
     with Engine(memory_budget_bytes=10_000) as e, pytest.raises(MemoryBudgetError):
         e.load_model("m", tiny_llama)
@@ -168,6 +185,70 @@ def test_abandoned_stream_aborts_the_request(eng):
         await asyncio.sleep(0.2)
 
     asyncio.run(first_only())
+    assert eng._worker("tiny").requests == {}
+
+
+@pytest.fixture
+def slow_compile(eng, monkeypatch):
+    """Grammar compilation that takes 0.4 s, like a big schema or choice list."""
+    compiler = eng._worker("tiny").constraints
+    compile_ = compiler.compile
+
+    def slow(params):
+        time.sleep(0.4)
+        return compile_(params)
+
+    monkeypatch.setattr(compiler, "compile", slow)
+
+
+def test_stream_compiles_off_the_event_loop(eng, slow_compile):
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def run() -> list:
+        tick = asyncio.ensure_future(ticker())
+        req = GenerationRequest(model="tiny", prompt="x", params=SamplingParams(regex="ab"))
+        deltas = [d async for d in eng.stream(req)]
+        tick.cancel()
+        return deltas
+
+    deltas = asyncio.run(run())
+    assert "".join(d.text for d in deltas) == "ab"
+    assert ticks >= 10  # the loop kept running while the grammar compiled
+
+
+def test_stream_cancelled_while_submitting_aborts_the_request(eng, slow_compile, monkeypatch):
+    finals = []
+    submit = eng.submit
+
+    def recording_submit(request, sink):
+        return submit(request, lambda d: (sink(d), d.finished and finals.append(d)))
+
+    monkeypatch.setattr(eng, "submit", recording_submit)
+
+    async def run() -> None:
+        params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True, regex="a+")
+        req = GenerationRequest(model="tiny", prompt="x", params=params)
+
+        async def consume() -> None:
+            async for _ in eng.stream(req):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.1)  # inside the 0.4 s compile
+        task.cancel()
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            if finals:
+                return
+
+    asyncio.run(run())
+    assert [d.finish_reason for d in finals] == ["abort"]
     assert eng._worker("tiny").requests == {}
 
 
