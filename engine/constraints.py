@@ -12,8 +12,8 @@ grammar):
 
 EOS is in the mask only where the grammar accepts, and the worker ends the request as soon as
 `done()` says nothing more may follow, so a constrained output always parses. A row whose mask
-allows no token at all (the parser in an error state) finishes with finish_reason "error" and
-the parser's message instead of sampling from an all -inf row.
+allows no token, or whose parser is in an error state, finishes with finish_reason "error" and
+the parser's message (`sampling.unsatisfiable_rows`) instead of sampling an arbitrary token.
 
 Speculative decoding does not check drafts against the grammar: under speculation a
 constrained request gets no drafts and decodes one plain token per step (engine/spec_decode.py
@@ -123,6 +123,11 @@ class TokenConstraint:
     def done(self) -> bool:
         """True when the grammar accepts and no further token may follow."""
         return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    @property
+    def failed(self) -> bool:
+        """True when the parser is in an error state (its mask then offers only EOS)."""
+        return self._matcher.is_error()
 
     @property
     def error(self) -> str:

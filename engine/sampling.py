@@ -341,6 +341,29 @@ def mask_constrained(logits: torch.Tensor, states: Sequence[SamplingState]) -> t
     return _on_rows(logits, rows, lambda sub: sub.masked_fill_(~allowed, -math.inf))
 
 
+def unsatisfiable_rows(states: Sequence[SamplingState], width: int) -> list[int]:
+    """Constrained rows that no token of the `width` logits satisfies: the grammar's mask,
+    less the stop ids while min_tokens pends, is empty, or the parser is in an error state
+    (where llguidance's mask offers EOS alone, which would end the request as a success).
+    Sampling such a row would pick token 0 from an all -inf row; the caller ends it instead."""
+    rows = []
+    for i, s in enumerate(states):
+        constraint = getattr(s, "constraint", None)
+        if constraint is None:
+            continue
+        if constraint.failed:
+            rows.append(i)
+            continue
+        allowed = _fit_mask(constraint.allowed(), width)
+        if s.min_tokens_pending:
+            stops = [t for t in s.stop_ids if t < width]
+            allowed = allowed.clone()
+            allowed[stops] = False
+        if not bool(allowed.any()):
+            rows.append(i)
+    return rows
+
+
 def _fit_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     """A grammar mask cut or padded (with False) to the logits' width."""
     if mask.shape[0] >= width:

@@ -18,7 +18,13 @@ from engine.kv_cache import BlockManager, KVCache
 from engine.model import Transformer
 from engine.outputs import StreamDelta
 from engine.runner import ModelRunner
-from engine.sampling import Sampler, SamplingParams, SamplingState, TokenLogprob
+from engine.sampling import (
+    Sampler,
+    SamplingParams,
+    SamplingState,
+    TokenLogprob,
+    unsatisfiable_rows,
+)
 from engine.scheduler import Scheduler, Sequence
 from engine.spec_decode import Speculator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -162,9 +168,32 @@ class ModelWorker:
         return batch.num_tokens
 
     def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> None:
+        stuck = unsatisfiable_rows([seq.payload.sampling for seq in sampled], logits.shape[-1])
+        if stuck:
+            sampled, logits = self._end_stuck(sampled, logits, stuck)
+            if not sampled:
+                return
         tokens, logprobs = self.sampler(logits, [seq.payload.sampling for seq in sampled])
         for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
             self._append(seq, [token], [lp])
+
+    def _end_stuck(
+        self, sampled: list[Sequence], logits: torch.Tensor, stuck: list[int]
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Finish the rows whose grammar allows no token with finish_reason "error" (no token
+        appended); the other rows and their logits go on to the sampler."""
+        for i in stuck:
+            seq = sampled[i]
+            # The first line: llguidance appends a dump of the parser state.
+            why = (seq.constraint.error.strip() or "the grammar allows no token here").splitlines()[
+                0
+            ]
+            log.warning("request %s: constrained decoding is stuck: %s", seq.request_id, why)
+            self._finish(seq, "error", f"no token satisfies the request's constraint: {why}")
+        dead = set(stuck)
+        keep = [i for i in range(len(sampled)) if i not in dead]
+        rows = torch.tensor(keep, dtype=torch.long, device=logits.device)
+        return [sampled[i] for i in keep], logits.index_select(0, rows)
 
     def _sample_speculative(self, sampled: list[Sequence], logits: torch.Tensor) -> None:
         """Plain rows go to the sampler together; each speculating sequence verifies its rows."""

@@ -2,6 +2,7 @@
 (regex, choice, JSON schema, Lark), free rows batched with constrained ones are unchanged,
 rollback restores the state, and bad constraints are typed errors naming the parameter."""
 
+import asyncio
 import json
 import re
 
@@ -10,13 +11,21 @@ import llguidance
 import pytest
 import torch
 
-from engine import Engine, InvalidRequestError, SamplingParams, constraints
+from engine import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    constraints,
+)
 from engine.sampling import (
     MAX_CHOICE_CHARS,
     MAX_CHOICES,
     MAX_CONSTRAINT_CHARS,
     Sampler,
     SamplingState,
+    unsatisfiable_rows,
 )
 
 SCHEMA = {
@@ -210,3 +219,51 @@ def test_parser_work_per_step_is_within_llguidance_defaults():
     limits, default = constraints._LIMITS, llguidance.LLParserLimits()
     assert limits.step_lexer_fuel <= default.step_lexer_fuel
     assert limits.max_grammar_size <= default.max_grammar_size
+
+
+def _broken(constraint):
+    """Force the parser into an error state with a token its grammar forbids."""
+    forbidden = int((~constraint.allowed()).nonzero()[0])
+    constraint._matcher.consume_token(forbidden)
+    constraint._mask = None  # the cached mask was of the state before
+    assert constraint.error
+    return constraint
+
+
+def test_rows_with_no_allowed_token_are_found(eng):
+    compiler = eng._worker("tiny").constraints
+    tok = eng.tokenizer("tiny")
+    seven = tok.encode("7", add_special_tokens=False)[0]
+    width = compiler.vocab_size
+    free = SamplingState(SamplingParams(), [1])
+    ok = SamplingState(
+        SamplingParams(), [1], constraint=compiler.compile(SamplingParams(regex="7"))
+    )
+    # min_tokens pending masks the stop ids: "7" as a stop token leaves the grammar nothing.
+    # (validate refuses min_tokens with a constraint; the state is built directly here.)
+    pending = SamplingParams(min_tokens=2, stop_token_ids=(seven,))
+    blocked = SamplingState(pending, [1], constraint=compiler.compile(SamplingParams(regex="7")))
+    broken = SamplingState(
+        SamplingParams(), [1], constraint=_broken(compiler.compile(SamplingParams(regex="7")))
+    )
+    assert unsatisfiable_rows([free, ok, blocked, broken], width) == [2, 3]
+
+
+def test_a_stuck_constrained_request_ends_with_an_error_not_token_0(eng, monkeypatch):
+    compiler = eng._worker("tiny").constraints
+    compile_ = compiler.compile
+    monkeypatch.setattr(compiler, "compile", lambda params: _broken(compile_(params)))
+    deltas = []
+
+    async def run() -> None:
+        params = SamplingParams(regex="ab", max_tokens=4)
+        async for d in eng.stream(GenerationRequest(model="tiny", prompt="x", params=params)):
+            deltas.append(d)
+
+    with pytest.raises(EngineError, match="no token satisfies the request's constraint"):
+        asyncio.run(run())
+    assert deltas == [] and eng._worker("tiny").requests == {}
+    # A free request batched at the same time is not affected.
+    monkeypatch.undo()
+    free = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(_one(eng, free).token_ids) == 3
