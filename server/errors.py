@@ -269,6 +269,13 @@ def _malformed(exc: SerializationException) -> tuple[int, ErrorResponse]:
     return HTTP_400_BAD_REQUEST, _body(f"malformed JSON body: {exc}", INVALID_REQUEST)
 
 
+def _too_deep(exc: RecursionError) -> tuple[int, ErrorResponse]:
+    # Raised where nested request input (a JSON body, a schema in it) outruns Python's
+    # recursion limit while being decoded or re-encoded: the input's fault, not the server's.
+    logger.warning("request input nested too deeply: %s", exc)
+    return HTTP_400_BAD_REQUEST, _body("the request is nested too deeply", INVALID_REQUEST)
+
+
 def _http(exc: HTTPException) -> tuple[int, ErrorResponse]:
     type_ = SERVER_ERROR if exc.status_code >= 500 else INVALID_REQUEST
     return exc.status_code, _body(exc.detail, type_)
@@ -387,4 +394,5 @@ _CONVERTERS: tuple[tuple[type[Exception], Any], ...] = (
     (ValidationException, _validation),
     (SerializationException, _malformed),
     (HTTPException, _http),
+    (RecursionError, _too_deep),
 )

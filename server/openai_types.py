@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct, field
 
+from engine.sampling import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_CONSTRAINT_CHARS
 from engine.spec_config import SpeculativeOverride
 
 MaxTokens = Annotated[int, Meta(ge=1)]
@@ -22,6 +23,13 @@ FinishReason = Literal["stop", "length", "abort"]
 # One array type per msgspec union: a prompt is text, or a list whose items are all
 # strings, all token ids, or all token-id lists (checked after decoding).
 Prompt = str | Annotated[list[str | int | list[int]], Meta(min_length=1)]
+# Constraints are compiled per request: the engine's limits, refused at decoding already
+# (a schema given as an object is measured as JSON text by SamplingParams.validate).
+ConstraintText = Annotated[str, Meta(max_length=MAX_CONSTRAINT_CHARS)]
+Choices = Annotated[
+    list[Annotated[str, Meta(max_length=MAX_CHOICE_CHARS)]],
+    Meta(min_length=1, max_length=MAX_CHOICES),
+]
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -57,10 +65,10 @@ class SamplingFields(Struct, kw_only=True):
     # compound extension: speculative decoding for this request, e.g. {"method": "ngram"}
     speculative: SpeculativeOverride | None = None
     # constrained decoding (vLLM names); at most one, and not with a JSON response_format
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: Annotated[list[str], Meta(min_length=1)] | None = None
-    guided_grammar: str | None = None
+    guided_json: dict[str, Any] | ConstraintText | None = None
+    guided_regex: ConstraintText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: ConstraintText | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

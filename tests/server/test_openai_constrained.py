@@ -82,3 +82,44 @@ def test_guided_grammar_streams_a_sentence(client: Client) -> None:
 )
 def test_bad_constraints_are_400(client: Client, body: dict[str, Any], param: str) -> None:
     assert_error(chat(client, max_tokens=4, model=MODEL, **body), 400, param)
+
+
+def _deep(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"guided_regex": "a" * (64 * 1024 + 1)}, "guided_regex"),
+        ({"guided_grammar": "x" * (64 * 1024 + 1)}, "guided_grammar"),
+        ({"guided_json": "{" + " " * (64 * 1024) + "}"}, "guided_json"),
+        ({"guided_choice": [str(i) for i in range(1025)]}, "guided_choice"),
+        ({"guided_choice": ["a", "b" * 1025]}, "guided_choice[1]"),
+        ({"guided_json": {"enum": ["x" * 1000] * 70}}, "json_schema"),
+        ({"guided_json": _deep(150)}, "json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": _deep(150)}}},
+            "json_schema",
+        ),
+    ],
+)
+def test_oversized_and_deep_constraints_are_400(
+    client: Client, body: dict[str, Any], param: str
+) -> None:
+    assert_error(chat(client, max_tokens=4, model=MODEL, **body), 400, param)
+
+
+def test_deeper_than_the_decoder_allows_is_400_not_500(client: Client) -> None:
+    text = '{"a": ' * 3000 + "1" + "}" * 3000
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "guided_json": %s}'
+    response = client.post(
+        "/v1/chat/completions",
+        content=body % (MODEL, text),
+        headers={"content-type": "application/json"},
+    )
+    error = assert_error(response, 400)
+    assert "nested too deeply" in error["message"]
