@@ -457,7 +457,7 @@ class Engine:
             event.wait()
         for out in outputs:
             if out.finish_reason == "error":
-                raise EngineError(f"request {out.request_id} failed")
+                raise EngineError(f"request {out.request_id} failed: {out.error or 'unknown'}")
         return outputs
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:

@@ -54,6 +54,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
     def add(self, delta: StreamDelta, now: float) -> None:
         """Fold one delta into the output."""
@@ -69,6 +70,7 @@ class RequestOutput:
         if delta.finished:
             self.finish_reason = delta.finish_reason
             self.finished_time = now
+            self.error = delta.error
 
     @property
     def ttft(self) -> float | None:

@@ -263,6 +263,8 @@ def test_a_stuck_constrained_request_ends_with_an_error_not_token_0(eng, monkeyp
     with pytest.raises(EngineError, match="no token satisfies the request's constraint"):
         asyncio.run(run())
     assert deltas == [] and eng._worker("tiny").requests == {}
+    with pytest.raises(EngineError, match=r"no token satisfies.*Parser Error"):
+        _one(eng, SamplingParams(regex="ab", max_tokens=4))
     # A free request batched at the same time is not affected.
     monkeypatch.undo()
     free = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
