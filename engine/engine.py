@@ -374,7 +374,7 @@ class Engine:
     def _submit(self, request: GenerationRequest, sink: Sink) -> tuple[str, list[int]]:
         """Queue a request; returns its id and prompt ids (copied: the engine thread appends)."""
         worker, adapter = self._resolve(request.model)
-        seq = self._sequence(worker, request)
+        seq = self._sequence(worker, request, adapter)
         if adapter is not None:
             self._adapter_ready(worker, adapter)
             try:
@@ -387,10 +387,12 @@ class Engine:
         self._wake.set()
         return seq.request_id, prompt_ids
 
-    def _sequence(self, worker: ModelWorker, request: GenerationRequest) -> Sequence:
+    def _sequence(
+        self, worker: ModelWorker, request: GenerationRequest, adapter: str | None
+    ) -> Sequence:
         params = request.params
         params.validate(worker.info.max_model_len)
-        worker.speculator.check(params)
+        worker.speculator.check(params, adapter)
         ids = self._prompt_ids(worker, request)
         limit = worker.info.max_model_len
         if len(ids) + params.max_tokens > limit:

@@ -115,8 +115,10 @@ class Speculator:
 
     # -- per request -------------------------------------------------------------------------
 
-    def check(self, params: SamplingParams) -> None:
-        """Refuse a request override this model cannot serve."""
+    def check(self, params: SamplingParams, adapter: str | None = None) -> None:
+        """Refuse a request override this model cannot serve. The draft model knows nothing of
+        a LoRA adapter: its guesses would be the bare base's, so an adapter request cannot ask
+        for it (by default such requests use prompt lookup, see `start`)."""
         override = params.speculative
         if override is None:
             return
@@ -126,13 +128,22 @@ class Speculator:
                 "speculative method 'draft' needs a draft model configured for this model",
                 param="speculative.method",
             )
+        if override.method == "draft" and adapter is not None:
+            raise InvalidRequestError(
+                f"speculative method 'draft' cannot serve adapter {adapter!r} (the draft model "
+                "has no such adapter); use 'ngram'",
+                param="speculative.method",
+            )
 
-    def start(self, params: SamplingParams) -> SpecState | None:
-        """The request's speculation state, or None when it decodes plainly."""
+    def start(self, params: SamplingParams, adapter: str | None = None) -> SpecState | None:
+        """The request's speculation state, or None when it decodes plainly. A request for a
+        LoRA adapter uses prompt lookup where the model's default is the draft model."""
         config, override = self.config, params.speculative
         method = override.method if override is not None else (config and config.method)
         if not method or method == "off":
             return None
+        if method == "draft" and adapter is not None:
+            method = "ngram"
         default_k = config.num_tokens if config is not None else 4
         k = override.num_tokens if override is not None and override.num_tokens else default_k
         state = SpecState(

@@ -130,7 +130,7 @@ class ModelWorker:
             detok=self.tokenizer.detokenizer(prompt, params.skip_special_tokens),
             sink=sink,
         )
-        seq.spec = self.speculator.start(params)
+        seq.spec = self.speculator.start(params, seq.adapter)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 

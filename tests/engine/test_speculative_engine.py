@@ -293,3 +293,67 @@ def test_abort_and_unload_during_speculation_free_both_pools(tiny_llama, tiny_dr
         e.unload_model("t")
         assert e.block_manager("draft").num_free == e.model_info("draft").num_blocks
         e.unload_model("draft")  # no longer anyone's draft
+
+
+@pytest.fixture(scope="module")
+def lora_eng(tiny_llama, tiny_draft, tmp_path_factory):
+    """A target speculating with a draft model by default, plus a LoRA adapter on it."""
+    pytest.importorskip("peft")
+    from tests.engine.test_lora import make_adapter
+
+    root = tmp_path_factory.mktemp("spec-adapters")
+    make_adapter(tiny_llama, root / "a1", seed=1)
+    with Engine() as e:
+        e.load_model("draft", tiny_draft, dtype="float32")
+        config = SpeculativeConfig(
+            method="draft", draft_model="draft", num_tokens=4, adaptive=False
+        )
+        e.load_model("tiny", tiny_llama, dtype="float32", speculative=config, adapter_dir=root)
+        yield e
+
+
+def run_mixed(eng, requests: list[tuple[str, list[int], SamplingParams]]) -> list[dict]:
+    """Submit every request before waiting, so that base and adapter requests share steps."""
+    outs = [{"ids": [], "drafts": 0} for _ in requests]
+    done = [threading.Event() for _ in requests]
+
+    def sink(i):
+        def collect(delta):
+            outs[i]["ids"] += delta.token_ids
+            outs[i]["drafts"] = delta.num_draft_tokens or 0
+            if delta.finished:
+                done[i].set()
+
+        return collect
+
+    for i, (model, ids, params) in enumerate(requests):
+        eng.submit(GenerationRequest(model=model, prompt_token_ids=ids, params=params), sink(i))
+    for event in done:
+        assert event.wait(60)
+    return outs
+
+
+def test_adapter_requests_speculate_exactly_beside_base_requests(lora_eng):
+    """The verify forward runs each request's rows under its own LoRA slot: greedy outputs of
+    adapter and base requests mixed in one batch equal plain decoding, and adapter requests
+    use prompt lookup (the draft model has no adapter)."""
+    ps = prompts(8, seed=21)
+    models = ["tiny:a1" if i % 2 else "tiny" for i in range(len(ps))]
+    default = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    ref = run_mixed(lora_eng, [(m, p, greedy(OFF)) for m, p in zip(models, ps, strict=True)])
+    got = run_mixed(lora_eng, [(m, p, default) for m, p in zip(models, ps, strict=True)])
+    assert [o["ids"] for o in got] == [o["ids"] for o in ref]
+    # The adapter changes outputs, so a verify under the base weights could not pass the above.
+    base = lora_eng.generate(ps[1::2], greedy(OFF), model="tiny")
+    assert [o.token_ids for o in base] != [o["ids"] for o in ref[1::2]]
+    assert sum(o["drafts"] for o in got[1::2]) > 0  # prompt lookup proposed for them
+    stats = lora_eng.speculative_stats("tiny")
+    assert stats["draft_tokens"] > 0
+
+
+def test_adapter_requests_cannot_ask_for_the_draft_model(lora_eng):
+    with pytest.raises(InvalidRequestError) as e:
+        lora_eng.submit(
+            GenerationRequest(model="tiny:a1", prompt="hi", params=greedy(DRAFT)), lambda d: None
+        )
+    assert e.value.param == "speculative.method"
