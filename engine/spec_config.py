@@ -22,6 +22,9 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     adaptive: bool = True  # choose the length per step from acceptance and measured step times
     ngram_min: int = 1
     ngram_max: int = 4
+    # Prompt lookup also searches the model's recent outputs (per adapter) when the request's
+    # own tokens hold no match: structured outputs repeat their scaffolding across requests.
+    ngram_history: bool = True
 
     def validate(self) -> None:
         """Raise `InvalidRequestError` naming the first bad field."""

@@ -31,13 +31,14 @@ from engine.sampling import (
 from engine.scheduler import ScheduledBatch, Scheduler, Sequence, Status
 from engine.speculative import (
     Acceptance,
+    OutputHistory,
     SpeculativeConfig,
     SpeedModel,
     accept_greedy,
     accept_sampled,
     acceptance_prior,
     clamp_length,
-    ngram_match,
+    lookup,
     sample_draft,
 )
 
@@ -58,6 +59,7 @@ class SpecState:
     draft_seq: Sequence | None = None  # the request's tokens in the draft model's KV pool
     draft_probs: list[Tensor] = field(default_factory=list)  # q per draft (sampling + draft)
     match_len: int = 0  # prompt lookup: n of the n-gram behind the current proposal
+    match_from: str = "prompt"  # ... found in the request ("prompt") or in past outputs
     # Seeded sampling: the generator's state before this round's noise, and that noise.
     generator_state: Tensor | None = None
     noise: list[Tensor] = field(default_factory=list)
@@ -108,10 +110,13 @@ class Speculator:
         self.generator.seed()
         # Totals for metrics.
         self.proposed = self.accepted = self.rounds = 0
-        # Model-wide acceptance per proposer (prompt lookup: per match length), blended into
-        # a request's own estimate: a one-token n-gram match is a much weaker guess than a
-        # four-token one.
-        self.priors: dict[tuple[str, int], Acceptance] = {}
+        # Model-wide acceptance per proposer (prompt lookup: per match length and source),
+        # blended into a request's own estimate: a one-token n-gram match is a much weaker
+        # guess than a four-token one.
+        self.priors: dict[tuple[str, int, str], Acceptance] = {}
+        # Prompt lookup's second source: recent outputs, per adapter (keyed like the prefix
+        # cache, by the adapter's hash salt: reloaded weights start a fresh history).
+        self.histories: dict[bytes, OutputHistory] = {}
 
     # -- per request -------------------------------------------------------------------------
 
@@ -169,6 +174,27 @@ class Speculator:
         d = state.draft_seq
         self.draft.blocks.release(d.block_table)
         d.block_table, d.num_computed = [], 0
+
+    def record(self, seq: Sequence) -> None:
+        """Index a finished prompt-lookup request's output (with the prompt's last tokens, which
+        predict how outputs start) in its adapter's history."""
+        state: SpecState | None = seq.spec
+        history = self._history(seq)
+        if state is None or state.method != "ngram" or history is None:
+            return
+        start = max(seq.num_prompt_tokens - history.ngram_max, 0)
+        history.add(seq.token_ids[start:])
+
+    def _history(self, seq: Sequence) -> OutputHistory | None:
+        """The output history prompt lookup searches for seq (None when configured off)."""
+        cfg = self.config
+        if cfg is not None and not cfg.ngram_history:
+            return None
+        history = self.histories.get(seq.hash_salt)
+        if history is None:
+            ngram_max = cfg.ngram_max if cfg is not None else 4
+            history = self.histories[seq.hash_salt] = OutputHistory(ngram_max)
+        return history
 
     # -- proposing ---------------------------------------------------------------------------
 
@@ -231,7 +257,9 @@ class Speculator:
         if state.method == "ngram" and cap > 0:
             cfg = self.config
             lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
-            proposal, state.match_len = ngram_match(seq.token_ids, cap, lo, hi)
+            proposal, state.match_len, state.match_from = lookup(
+                seq.token_ids, cap, (lo, hi), self._history(seq)
+            )
             # How often a match of this length pays off on this model, overruled by the
             # request's own record as it builds up (its decayed count saturates near 3).
             alpha = state.acceptance.blend(self._prior(state).rate, pseudo=1.5)
@@ -247,8 +275,10 @@ class Speculator:
         )
 
     def _prior(self, state: SpecState) -> Acceptance:
-        """The model-wide acceptance of the request's proposer (prompt lookup: per match length)."""
-        key = (state.method, state.match_len if state.method == "ngram" else 0)
+        """The model-wide acceptance of the request's proposer (prompt lookup: per match length
+        and source)."""
+        ngram = state.method == "ngram"
+        key = (state.method, state.match_len if ngram else 0, state.match_from if ngram else "")
         prior = self.priors.get(key)
         if prior is None:
             prior = self.priors[key] = Acceptance(acceptance_prior(state.method), weight=0.05)

@@ -56,6 +56,70 @@ def ngram_match(
     return [], 0
 
 
+class OutputHistory:
+    """N-grams of a model's recent outputs and what followed them (SuffixDecoding, Oliaro et
+    al. 2024, as a hash table): structured outputs repeat their own scaffolding (`{"name": "`,
+    `", "`, closing braces) from request to request, which a request's prompt does not hold.
+
+    One history per model and adapter: its proposals are verified like any other, so they only
+    change speed. Bounded: the oldest n-grams go first.
+
+    >>> h = OutputHistory(ngram_max=2)
+    >>> h.add([9, 1, 2, 3, 4])
+    >>> h.match([7, 1, 2], k=2, ngram_min=1, ngram_max=2)
+    ([3, 4], 2)
+    """
+
+    def __init__(self, ngram_max: int = 4, max_entries: int = 100_000) -> None:
+        self.ngram_max, self.max_entries = ngram_max, max_entries
+        self.table: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Index a finished output (preceded by the prompt's last tokens, which predict its
+        start): every n-gram maps to the tokens that followed it, the latest output winning."""
+        tokens = tuple(tokens)
+        table = self.table
+        for end in range(1, len(tokens)):
+            follow = tokens[end : end + MAX_SPECULATIVE_TOKENS]
+            for n in range(1, min(self.ngram_max, end) + 1):
+                key = tokens[end - n : end]
+                table.pop(key, None)  # re-inserted last: the newest entries are evicted last
+                table[key] = follow
+        while len(table) > self.max_entries:
+            del table[next(iter(table))]
+
+    def match(
+        self, token_ids: Sequence[int], k: int, ngram_min: int, ngram_max: int
+    ) -> tuple[list[int], int]:
+        """Up to k tokens that followed the sequence's longest suffix n-gram in past outputs,
+        and n (0 when none)."""
+        for n in range(min(ngram_max, self.ngram_max, len(token_ids)), ngram_min - 1, -1):
+            follow = self.table.get(tuple(token_ids[len(token_ids) - n :]))
+            if follow:
+                return list(follow[:k]), n
+        return [], 0
+
+
+def lookup(
+    token_ids: Sequence[int],
+    k: int,
+    bounds: tuple[int, int],
+    history: OutputHistory | None,
+) -> tuple[list[int], int, str]:
+    """Prompt lookup over the sequence, then over past outputs, longest n-gram first (the
+    sequence wins a tie): (proposal, n, "prompt" | "history"); ([], 0, "prompt") when none."""
+    lo, hi = bounds
+    for n in range(hi, lo - 1, -1):
+        proposal, m = ngram_match(token_ids, k, n, n)
+        if proposal:
+            return proposal, m, "prompt"
+        if history is not None:
+            proposal, m = history.match(token_ids, k, n, n)
+            if proposal:
+                return proposal, m, "history"
+    return [], 0, "prompt"
+
+
 # ---------------------------------------------------------------------------------------
 # Lossless acceptance.
 

@@ -229,6 +229,8 @@ class ModelWorker:
         del self.requests[seq.request_id]
         self.scheduler.finish(seq)
         self.speculator.release(seq)
+        if error is None and reason != "abort":
+            self.speculator.record(seq)
         self._emit(seq, finished=True, reason=reason, error=error)
 
     def _stop_reason(self, seq: Sequence, state: RequestState, token: int) -> str | None:

@@ -10,11 +10,13 @@ import torch
 from engine import InvalidRequestError, SpeculativeConfig, SpeculativeOverride
 from engine.speculative import (
     Acceptance,
+    OutputHistory,
     SpeedModel,
     accept_greedy,
     accept_sampled,
     clamp_length,
     expected_tokens,
+    lookup,
     ngram_propose,
 )
 
@@ -33,6 +35,35 @@ def test_ngram_without_match_proposes_nothing_and_respects_bounds():
     assert ngram_propose([1, 2, 3, 4], 3) == []
     assert ngram_propose([1, 2, 1, 2], 5) == [1, 2]  # only what exists after the match
     assert ngram_propose([7, 7], 3, ngram_min=2) == []
+
+
+def test_output_history_maps_ngrams_to_the_latest_continuation():
+    history = OutputHistory(ngram_max=3)
+    history.add([1, 2, 3, 4, 5])
+    history.add([8, 2, 3, 6])
+    assert history.match([9, 2, 3], k=4, ngram_min=1, ngram_max=3) == ([6], 2)  # latest wins
+    assert history.match([1, 2, 3], k=2, ngram_min=1, ngram_max=3) == ([4, 5], 3)  # longest
+    assert history.match([7, 7], k=2, ngram_min=1, ngram_max=3) == ([], 0)
+    assert history.match([9, 3], k=2, ngram_min=2, ngram_max=3) == ([], 0)  # too short a match
+
+
+def test_output_history_is_bounded_and_evicts_the_oldest():
+    history = OutputHistory(ngram_max=1, max_entries=3)
+    history.add([1, 2, 3, 4, 5])  # 1-grams 1..4
+    assert len(history.table) == 3 and (1,) not in history.table
+    history.add([2, 9])  # refreshes 2, which then outlives 3
+    history.add([6, 7])
+    assert (2,) in history.table and (3,) not in history.table
+
+
+def test_lookup_prefers_longer_matches_then_the_request_over_history():
+    history = OutputHistory(ngram_max=4)
+    history.add([5, 6, 7, 40, 41])
+    # The request holds "6 7" (n=2) but the history holds "5 6 7" (n=3): the longer one wins.
+    assert lookup([6, 7, 30, 5, 6, 7], 2, (1, 4), history) == ([40, 41], 3, "history")
+    # A tie at the same n goes to the request's own tokens.
+    assert lookup([6, 7, 30, 9, 6, 7], 1, (1, 4), history) == ([30], 2, "prompt")
+    assert lookup([1, 2, 3], 2, (1, 4), None) == ([], 0, "prompt")
 
 
 # -- acceptance ------------------------------------------------------------------------------

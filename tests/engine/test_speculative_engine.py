@@ -357,3 +357,25 @@ def test_adapter_requests_cannot_ask_for_the_draft_model(lora_eng):
             GenerationRequest(model="tiny:a1", prompt="hi", params=greedy(DRAFT)), lambda d: None
         )
     assert e.value.param == "speculative.method"
+
+
+def test_prompt_lookup_learns_from_earlier_outputs_and_stays_exact(tiny_llama):
+    """A second request whose prompt holds no repeat gets proposals from the first request's
+    output (the history), verified as usual; with the history off it gets none."""
+    rng = random.Random(5)
+    first, second = ([rng.randrange(5, 400) for _ in range(12)] for _ in range(2))
+    spec = SpeculativeOverride(method="ngram", num_tokens=4)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, speculative=spec)
+    runs = {}
+    for history in (True, False):
+        with Engine() as e:
+            config = SpeculativeConfig(method="ngram", ngram_min=2, ngram_history=history)
+            e.load_model("tiny", tiny_llama, dtype="float32", speculative=config)
+            ref = e.generate([first], greedy(OFF), model="tiny")[0].token_ids
+            e.generate([first], params, model="tiny")  # indexed in the history when on
+            # The same continuation now starts from a different prompt: [noise..., ref[:8]]
+            prompt = second + ref[:8]
+            runs[history] = e.generate([prompt], params, model="tiny")[0]
+            plain = e.generate([prompt], greedy(OFF), model="tiny")[0]
+            assert runs[history].token_ids == plain.token_ids
+    assert runs[True].num_accepted_tokens > runs[False].num_accepted_tokens
