@@ -14,6 +14,11 @@ Setup: one engine with demo-draft and demo-large (float32, speculative config
                     copied from the record) and quoting (repeat a passage); batch 1, greedy.
   3. batch16_mixed  16 concurrent requests of every task, half greedy, half sampled (seeded),
                     with the model's default (adaptive draft) vs off; throughput ratio.
+  4. ngram_extract  the product's extraction model, demo-base:extract (base + LoRA adapter),
+                    configured with prompt lookup {method: ngram, num_tokens: K}: held-out
+                    extract prompts one at a time, greedy, on vs off, after a warm-up on other
+                    held-out prompts (the history of past outputs fills there); the same on a
+                    second copy of demo-base with the output history off (prompt only).
 
 Usage: .venv/bin/python bench/speculative.py [--quick] [--threads N] [--num-tokens K]
 """
@@ -42,6 +47,8 @@ log = logging.getLogger("bench.speculative")
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET, DRAFT = "demo-large", "demo-draft"
+BASE, EXTRACT = "demo-base", "demo-base:extract"
+PROMPT_ONLY = "demo-base-prompt-only"  # the same weights, prompt lookup without the history
 OFF = SpeculativeOverride(method="off")
 NGRAM = SpeculativeOverride(method="ngram")
 
@@ -54,14 +61,24 @@ def load(num_tokens: int) -> Engine:
     eng.load_model(
         TARGET, ROOT / "models" / TARGET, dtype="float32", num_blocks=1024, speculative=config
     )
+    for name, history in ((BASE, True), (PROMPT_ONLY, False)):
+        ngram = SpeculativeConfig(method="ngram", num_tokens=num_tokens, ngram_history=history)
+        eng.load_model(
+            name,
+            ROOT / "models" / BASE,
+            dtype="float32",
+            num_blocks=1024,
+            speculative=ngram,
+            adapter_dir=ROOT / "models" / "adapters",
+        )
     return eng
 
 
-def chat_prompts(eng: Engine, task: str, n: int) -> list[list[int]]:
-    """Held-out prompts of a task, rendered with the chat template."""
+def chat_prompts(eng: Engine, task: str, n: int, skip: int = 0) -> list[list[int]]:
+    """Held-out prompts of a task (after the first `skip`), rendered with the chat template."""
     tok = eng.tokenizer(TARGET)
     out = []
-    for ex in tasks.generate(task, "heldout", n):
+    for ex in tasks.generate(task, "heldout", skip + n)[skip:]:
         text = tok.apply_chat_template(ex.messages(with_answer=False), add_generation_prompt=True)
         out.append(tok.encode(text, add_special_tokens=False))
     return out
@@ -74,13 +91,15 @@ def quote_prompts(eng: Engine, n: int) -> list[list[int]]:
     return [tok.encode(f"{t}\n\n{t[: len(t) // 3]}", add_special_tokens=False) for t in texts]
 
 
-def timed(eng: Engine, prompts, params) -> tuple[float, list]:
+def timed(eng: Engine, prompts, params, model: str = TARGET) -> tuple[float, list]:
     start = time.perf_counter()
-    outs = eng.generate(prompts, params, model=TARGET)
+    outs = eng.generate(prompts, params, model=model)
     return time.perf_counter() - start, outs
 
 
-def one_by_one(eng: Engine, prompts, on: SamplingParams, off: SamplingParams) -> dict:
+def one_by_one(
+    eng: Engine, prompts, on: SamplingParams, off: SamplingParams, model: str = TARGET
+) -> dict:
     """Each prompt alone, on and off interleaved (alternating order); totals per condition."""
     t_on = t_off = 0.0
     n_on = n_off = drafts = accepted = 0
@@ -89,7 +108,7 @@ def one_by_one(eng: Engine, prompts, on: SamplingParams, off: SamplingParams) ->
         order = [(True, on), (False, off)] if i % 2 else [(False, off), (True, on)]
         result = {}
         for is_on, params in order:
-            seconds, [out] = timed(eng, [p], params)
+            seconds, [out] = timed(eng, [p], params, model)
             result[is_on] = out
             if is_on:
                 t_on, n_on = t_on + seconds, n_on + len(out.token_ids)
@@ -196,9 +215,33 @@ def batch16_mixed(eng: Engine, rounds: int) -> dict:
     }
 
 
+def ngram_extract(eng: Engine, n: int, warm: int) -> dict:
+    """demo-base:extract with prompt lookup vs off; the history of past outputs vs none."""
+    greedy = SamplingParams(max_tokens=128, temperature=0.0)
+    warmup = chat_prompts(eng, "extract", warm)
+    prompts = chat_prompts(eng, "extract", n, skip=warm)
+    figures = {"warmup_requests": warm}
+    for key, base in (("with_history", BASE), ("prompt_only", PROMPT_ONLY)):
+        model = f"{base}:extract"
+        for p in warmup:  # one at a time, as measured: fills the history and the speed model
+            eng.generate([p], greedy, model=model)
+        before = eng.speculative_stats(base)
+        figures[key] = one_by_one(eng, prompts, greedy, _with(greedy, OFF), model=model)
+        after = eng.speculative_stats(base)
+        rounds = after["rounds"] - before["rounds"]
+        accepted = after["accepted_tokens"] - before["accepted_tokens"]
+        figures[key]["tokens_per_round"] = round((accepted + rounds) / max(rounds, 1), 3)
+    figures["speedup"] = figures["with_history"]["speedup"]
+    figures["target"] = ">= 1.5x"
+    return figures
+
+
 def _with(params: SamplingParams, spec: SpeculativeOverride) -> SamplingParams:
     fields = {f: getattr(params, f) for f in params.__struct_fields__}
     return SamplingParams(**{**fields, "speculative": spec})
+
+
+SECTIONS = ["batch1_draft", "ngram_copy", "batch16_mixed", "ngram_extract"]
 
 
 def _commit() -> str:
@@ -217,6 +260,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few prompts, for a smoke run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--num-tokens", type=int, default=8)
+    parser.add_argument(
+        "--only", choices=SECTIONS, nargs="+", default=SECTIONS, help="run these sections only"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -236,12 +282,15 @@ def main() -> None:
             },
             "num_tokens": args.num_tokens,
         }
-        log.info("batch 1, draft model")
-        figures["batch1_draft"] = batch1_draft(eng, n)
-        log.info("prompt lookup on copy-heavy prompts")
-        figures["ngram_copy"] = ngram_copy(eng, n)
-        log.info("batch 16, mixed")
-        figures["batch16_mixed"] = batch16_mixed(eng, rounds)
+        runs = {
+            "batch1_draft": lambda: batch1_draft(eng, n),
+            "ngram_copy": lambda: ngram_copy(eng, n),
+            "batch16_mixed": lambda: batch16_mixed(eng, rounds),
+            "ngram_extract": lambda: ngram_extract(eng, 4 * n, warm=16),
+        }
+        for section in args.only:
+            log.info("%s", section)
+            figures[section] = runs[section]()
         figures["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     finally:
         eng.shutdown()

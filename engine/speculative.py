@@ -57,47 +57,83 @@ def ngram_match(
 
 
 class OutputHistory:
-    """N-grams of a model's recent outputs and what followed them (SuffixDecoding, Oliaro et
-    al. 2024, as a hash table): structured outputs repeat their own scaffolding (`{"name": "`,
-    `", "`, closing braces) from request to request, which a request's prompt does not hold.
+    """N-grams of a model's recent outputs and counts of the token that followed each
+    (SuffixDecoding, Oliaro et al. 2024, as a hash table): structured outputs repeat their own
+    scaffolding (`{"name": "`, `", "`, closing braces) from request to request, which a
+    request's prompt does not hold, while the values between differ each time.
 
-    One history per model and adapter: its proposals are verified like any other, so they only
-    change speed. Bounded: the oldest n-grams go first.
+    A proposal follows the most frequent next token while past outputs agree on it (its share
+    of the counts and the running product of shares stay above the thresholds), so it stops
+    where outputs diverged (before a name or a number) instead of guessing the last request's
+    value. One history per model and adapter: proposals are verified like any other, so they
+    only change speed. Bounded: the n-grams not seen for longest go first.
 
     >>> h = OutputHistory(ngram_max=2)
     >>> h.add([9, 1, 2, 3, 4])
     >>> h.match([7, 1, 2], k=2, ngram_min=1, ngram_max=2)
     ([3, 4], 2)
+    >>> h.add([8, 1, 2, 5, 4])
+    >>> h.add([6, 1, 2, 7, 4])  # after "1 2" outputs disagree: nothing worth proposing
+    >>> h.match([7, 1, 2], k=2, ngram_min=1, ngram_max=2)
+    ([], 0)
     """
 
-    def __init__(self, ngram_max: int = 4, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        ngram_max: int = 4,
+        max_entries: int = 100_000,
+        min_share: float = 0.5,
+        min_confidence: float = 0.3,
+    ) -> None:
         self.ngram_max, self.max_entries = ngram_max, max_entries
-        self.table: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.min_share, self.min_confidence = min_share, min_confidence
+        self.table: dict[tuple[int, ...], dict[int, int]] = {}
 
     def add(self, tokens: Sequence[int]) -> None:
-        """Index a finished output (preceded by the prompt's last tokens, which predict its
-        start): every n-gram maps to the tokens that followed it, the latest output winning."""
+        """Count, for every n-gram of a finished output (preceded by the prompt's last tokens,
+        which predict its start), the token that followed it."""
         tokens = tuple(tokens)
         table = self.table
         for end in range(1, len(tokens)):
-            follow = tokens[end : end + MAX_SPECULATIVE_TOKENS]
+            follow = tokens[end]
             for n in range(1, min(self.ngram_max, end) + 1):
                 key = tokens[end - n : end]
-                table.pop(key, None)  # re-inserted last: the newest entries are evicted last
-                table[key] = follow
+                counts = table.pop(key, None) or {}  # re-inserted last: evicted last
+                counts[follow] = counts.get(follow, 0) + 1
+                table[key] = counts
         while len(table) > self.max_entries:
             del table[next(iter(table))]
 
     def match(
         self, token_ids: Sequence[int], k: int, ngram_min: int, ngram_max: int
     ) -> tuple[list[int], int]:
-        """Up to k tokens that followed the sequence's longest suffix n-gram in past outputs,
-        and n (0 when none)."""
-        for n in range(min(ngram_max, self.ngram_max, len(token_ids)), ngram_min - 1, -1):
-            follow = self.table.get(tuple(token_ids[len(token_ids) - n :]))
-            if follow:
-                return list(follow[:k]), n
-        return [], 0
+        """Up to k tokens past outputs agree would follow the sequence, each predicted from
+        its longest known suffix n-gram, and the n of the first (0 when none)."""
+        hi = min(ngram_max, self.ngram_max)
+        context = list(token_ids[len(token_ids) - hi :])
+        out: list[int] = []
+        first_n, confidence = 0, 1.0
+        while len(out) < k:
+            step = self._next(context, ngram_min, hi)
+            if step is None:
+                break
+            token, share, n = step
+            confidence *= share
+            if share < self.min_share or confidence < self.min_confidence:
+                break
+            out.append(token)
+            context.append(token)
+            first_n = first_n or n
+        return out, first_n
+
+    def _next(self, context: list[int], lo: int, hi: int) -> tuple[int, float, int] | None:
+        """(most frequent next token, its share, n) for the longest suffix n-gram known."""
+        for n in range(min(hi, len(context)), lo - 1, -1):
+            counts = self.table.get(tuple(context[len(context) - n :]))
+            if counts:
+                token = max(counts, key=counts.__getitem__)
+                return token, counts[token] / sum(counts.values()), n
+        return None
 
 
 def lookup(

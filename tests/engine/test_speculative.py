@@ -37,14 +37,20 @@ def test_ngram_without_match_proposes_nothing_and_respects_bounds():
     assert ngram_propose([7, 7], 3, ngram_min=2) == []
 
 
-def test_output_history_maps_ngrams_to_the_latest_continuation():
+def test_output_history_follows_the_continuation_past_outputs_agree_on():
     history = OutputHistory(ngram_max=3)
     history.add([1, 2, 3, 4, 5])
-    history.add([8, 2, 3, 6])
-    assert history.match([9, 2, 3], k=4, ngram_min=1, ngram_max=3) == ([6], 2)  # latest wins
-    assert history.match([1, 2, 3], k=2, ngram_min=1, ngram_max=3) == ([4, 5], 3)  # longest
+    assert history.match([9, 2, 3], k=4, ngram_min=1, ngram_max=3) == ([4, 5], 2)
+    assert history.match([1, 2, 3], k=1, ngram_min=1, ngram_max=3) == ([4], 3)  # longest n
     assert history.match([7, 7], k=2, ngram_min=1, ngram_max=3) == ([], 0)
     assert history.match([9, 3], k=2, ngram_min=2, ngram_max=3) == ([], 0)  # too short a match
+    # Two more outputs share the scaffolding "2 3 ... 5" but differ in the value after "2 3":
+    # the proposal stops before the value instead of guessing one.
+    history.add([8, 2, 3, 6, 5])
+    history.add([8, 2, 3, 7, 5])
+    assert history.match([9, 2, 3], k=4, ngram_min=1, ngram_max=3) == ([], 0)
+    # After the value, all three agree again on 5.
+    assert history.match([9, 2, 3, 6], k=1, ngram_min=1, ngram_max=3) == ([5], 3)
 
 
 def test_output_history_is_bounded_and_evicts_the_oldest():
@@ -221,3 +227,12 @@ def test_override_validation():
     with pytest.raises(InvalidRequestError) as e:
         SpeculativeOverride(method="ngram", num_tokens=0).validate()
     assert e.value.param == "speculative.num_tokens"
+
+
+def test_docstring_examples():
+    import doctest
+
+    import engine.speculative
+
+    result = doctest.testmod(engine.speculative)
+    assert result.attempted > 0 and result.failed == 0
