@@ -173,7 +173,7 @@ class Speculator:
             return
         d = state.draft_seq
         self.draft.blocks.release(d.block_table)
-        d.block_table, d.num_computed = [], 0
+        d.block_table, d.num_computed, d.num_registered = [], 0, 0
 
     def record(self, seq: Sequence) -> None:
         """Index a finished prompt-lookup request's output (with the prompt's last tokens, which
@@ -308,12 +308,24 @@ class Speculator:
             d = seq.spec.draft_seq
             d.token_ids = list(seq.token_ids)
             seq.spec.draft_probs = []
+            if not d.block_table:
+                self._draft_attach(d)
         active = items
         for j in range(max(k for _, k in items)):
             active = [(seq, k) for seq, k in active if k > j and self._draft_reserve(seq)]
             if not active:
                 return
             self._draft_forward([seq for seq, _ in active], timed=j > 0)
+
+    def _draft_attach(self, d: Sequence) -> None:
+        """Start a request's draft KV from the draft pool's prefix cache (a shared system prompt,
+        a resubmitted conversation), as the target's scheduler does for the target's KV."""
+        blocks = self.draft.blocks
+        full = (d.num_tokens - 1) // blocks.block_size  # leave a token: its logits are needed
+        cached = blocks.match_prefix(d.block_hashes(full, blocks.block_size))
+        blocks.acquire(cached)
+        d.block_table = list(cached)
+        d.num_computed, d.num_registered = len(cached) * blocks.block_size, len(cached)
 
     def _draft_reserve(self, seq: Sequence) -> bool:
         """Blocks in the draft pool for the draft sequence's uncomputed tokens."""
@@ -438,13 +450,22 @@ class Speculator:
         scheduler.rollback(seq)
 
     def _draft_rollback(self, d: Sequence, valid: int) -> None:
-        """Keep draft KV only for tokens the target accepted (positions < valid)."""
+        """Keep draft KV only for tokens the target accepted (positions < valid); index the
+        draft's newly full blocks in its prefix cache."""
         d.num_computed = min(d.num_computed, valid)
         d.token_ids = d.token_ids[: d.num_computed]
-        keep = -(-d.num_computed // self.draft.blocks.block_size)
+        blocks = self.draft.blocks
+        keep = -(-d.num_computed // blocks.block_size)
         if len(d.block_table) > keep:
-            self.draft.blocks.release(d.block_table[keep:])
+            blocks.release(d.block_table[keep:])
             del d.block_table[keep:]
+        # Index full blocks of verified tokens only: a block holding a guess is rewritten later.
+        full = d.num_computed // blocks.block_size
+        if full > d.num_registered:
+            hashes = d.block_hashes(full, blocks.block_size)
+            for i in range(d.num_registered, full):
+                blocks.register(d.block_table[i], hashes[i])
+            d.num_registered = full
 
     def observe(self, batch: ScheduledBatch, seconds: float) -> None:
         """Feed a measured target step into the speed model."""

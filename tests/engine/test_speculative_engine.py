@@ -109,6 +109,22 @@ def test_prefix_cache_holds_only_accepted_tokens(eng):
     assert cached.token_ids == fresh.token_ids
 
 
+def test_draft_model_reuses_its_prefix_cache(eng):
+    """The draft's KV of a prompt seen before comes from the draft pool's prefix cache, and
+    outputs stay those of plain decoding (blocks holding guesses are never indexed)."""
+    rng = random.Random(31)
+    shared = [rng.randrange(5, 400) for _ in range(40)]
+    ps = [shared + [rng.randrange(5, 400) for _ in range(5)] for _ in range(3)]
+    ref = [o.token_ids for o in eng.generate(ps, greedy(OFF), model="tiny")]
+    draft_blocks = eng.block_manager("draft")
+    eng.generate(ps[:1], greedy(DRAFT), model="tiny")
+    hits = draft_blocks.hits
+    got = [eng.generate([p], greedy(DRAFT), model="tiny")[0].token_ids for p in ps]
+    assert got == ref
+    # Each of the three requests found at least the 2 full blocks of the shared 40 tokens.
+    assert draft_blocks.hits - hits >= 3 * (40 // draft_blocks.block_size)
+
+
 def test_stop_token_inside_a_draft_run_ends_the_request_there(eng):
     p = prompts(1, seed=5)[0]
     ref = eng.generate([p], greedy(OFF), model="tiny-self")[0].token_ids
