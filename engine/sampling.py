@@ -336,7 +336,7 @@ def mask_constrained(logits: torch.Tensor, states: Sequence[SamplingState]) -> t
     if not rows:
         return logits
     width = logits.shape[1]
-    allowed = torch.stack([_fit_mask(states[i].constraint.allowed(), width) for i in rows])
+    allowed = torch.stack([fit_mask(states[i].constraint.allowed(), width) for i in rows])
     allowed = allowed.to(logits.device, non_blocking=True)
     return _on_rows(logits, rows, lambda sub: sub.masked_fill_(~allowed, -math.inf))
 
@@ -354,7 +354,7 @@ def unsatisfiable_rows(states: Sequence[SamplingState], width: int) -> list[int]
         if constraint.failed:
             rows.append(i)
             continue
-        allowed = _fit_mask(constraint.allowed(), width)
+        allowed = fit_mask(constraint.allowed(), width)
         if s.min_tokens_pending:
             stops = [t for t in s.stop_ids if t < width]
             allowed = allowed.clone()
@@ -364,7 +364,7 @@ def unsatisfiable_rows(states: Sequence[SamplingState], width: int) -> list[int]
     return rows
 
 
-def _fit_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+def fit_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     """A grammar mask cut or padded (with False) to the logits' width."""
     if mask.shape[0] >= width:
         return mask[:width]

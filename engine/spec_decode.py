@@ -25,6 +25,7 @@ from engine.sampling import (
     SamplingState,
     TokenLogprob,
     apply_penalties,
+    fit_mask,
     mask_stop_tokens,
     warp_logits,
 )
@@ -219,23 +220,42 @@ class Speculator:
         if drafted:
             self._draft_propose(drafted)
         for seq, _, _ in plans:
+            self._fit_grammar(seq)
             if seq.draft_ids:
                 batch.items[index[id(seq)]] = (seq, 1 + len(seq.draft_ids))
             else:
-                scheduler.rollback(seq)
+                self._withdraw(seq, scheduler)
+
+    def _withdraw(self, seq: Sequence, scheduler: Scheduler) -> None:
+        """Undo a proposal that left no drafts (none found, or the grammar refused them all):
+        free the reserved blocks, drop the draft model's guessed KV, restore a seeded
+        generator, as `settle` does after a verification."""
+        scheduler.rollback(seq)
+        state: SpecState = seq.spec
+        state.draft_probs = []
+        self._rewind(seq, 0)
+        if state.draft_seq is not None and state.draft_seq.num_computed > 0:
+            self._draft_rollback(state.draft_seq, seq.num_tokens)
 
     def _candidates(self, batch: ScheduledBatch) -> list[Sequence]:
         out = []
         for seq, n in batch.items:
             if seq.spec is None or n != 1 or seq.num_computed + 1 != seq.num_tokens:
                 continue  # prefilling, or speculation off
-            if getattr(seq, "constraint", None) is not None:
-                # Hook for constrained decoding (engine/constraints.py): until drafts are checked
-                # with `advance`/`rollback` and verified under `allowed()`, such requests decode
-                # plainly, which is lossless.
+            if seq.constraint is not None and not _grammar_exact(seq):
                 continue
             out.append(seq)
         return out
+
+    @staticmethod
+    def _fit_grammar(seq: Sequence) -> None:
+        """Cut a constrained request's drafts at the first token its grammar refuses (the
+        target could never accept it); the draft model's extra KV goes at `settle`."""
+        if seq.constraint is None or not seq.draft_ids:
+            return
+        n = seq.constraint.valid_prefix(seq.draft_ids)
+        del seq.draft_ids[n:]
+        del seq.spec.draft_probs[n:]
 
     def _lengths(
         self, batch: ScheduledBatch, cands: list[Sequence]
@@ -410,6 +430,8 @@ class Speculator:
         penalized = apply_penalties(rows.float().clone(), views)
         logprobs = penalized.log_softmax(dim=-1) if state.params.logprobs is not None else None
         masked = mask_stop_tokens(penalized, views)
+        if seq.constraint is not None:
+            masked.masked_fill_(~_grammar_masks(seq, masked.shape[1]), float("-inf"))
         if state.params.greedy:
             tokens = accept_greedy(masked.argmax(dim=-1).tolist(), drafts)
         else:
@@ -471,6 +493,35 @@ class Speculator:
         """Feed a measured target step into the speed model."""
         multi = any(n > 1 for _, n in batch.items)
         self.speed.observe_target(batch.num_tokens, multi, seconds)
+
+
+def _grammar_exact(seq: Sequence) -> bool:
+    """Can a constrained request speculate losslessly? Grammar-cut drafts are fine wherever
+    the proposal is not a random draw (greedy, seeded, prompt lookup): for an unseeded sampled
+    draft-model proposal, cutting where the draw left the grammar would skew rejection
+    sampling, so such requests decode plainly."""
+    params = seq.payload.sampling.params
+    return seq.spec.method == "ngram" or params.greedy or seq.payload.sampling.generator is not None
+
+
+def _grammar_masks(seq: Sequence, width: int) -> Tensor:
+    """Bool [1 + k, width]: the tokens the grammar allows at the verified token and after each
+    draft, the state stepped through the drafts and back (the worker advances it for real)."""
+    constraint = seq.constraint
+    masks, advanced = [], 0
+    for j in range(len(seq.draft_ids) + 1):
+        masks.append(fit_mask(constraint.allowed(), width))
+        if j == len(seq.draft_ids) or not constraint.advance(seq.draft_ids[j]):
+            break
+        advanced += 1
+    constraint.rollback(advanced)
+    # Rows past a refused draft (none after `_fit_grammar`) or past a draft that completes the
+    # grammar are never emitted: the request stops first. Let them allow everything so that
+    # no row is all -inf (NaN probabilities).
+    masks += [masks[-1]] * (len(seq.draft_ids) + 1 - len(masks))
+    rows = torch.stack(masks)
+    rows[~rows.any(dim=1)] = True
+    return rows.to(seq.payload.sampling.device)
 
 
 def _logprobs(

@@ -2,7 +2,9 @@
 sizes 1 and 8, rollback of KV blocks, stops inside a draft run, preemption, per-request overrides
 and acceptance figures."""
 
+import json
 import random
+import re
 import threading
 
 import pytest
@@ -395,3 +397,47 @@ def test_prompt_lookup_learns_from_earlier_outputs_and_stays_exact(tiny_llama):
             plain = e.generate([prompt], greedy(OFF), model="tiny")[0]
             assert runs[history].token_ids == plain.token_ids
     assert runs[True].num_accepted_tokens > runs[False].num_accepted_tokens
+
+
+CONSTRAINED = {
+    "json": {
+        "json_schema": json.dumps(
+            SCHEMA_JSON := {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 8},
+                    "year": {"type": "integer"},
+                },
+                "required": ["city", "year"],
+                "additionalProperties": False,
+            }
+        )
+    },
+    "regex": {"regex": r"(ab|cd)[0-9]{2,6}(ab|cd)[0-9]{2,6}"},
+}
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-self"])
+@pytest.mark.parametrize("spec", [DRAFT, NGRAM], ids=["draft", "ngram"])
+@pytest.mark.parametrize("kind", sorted(CONSTRAINED))
+def test_constrained_requests_speculate_exactly(eng, model, spec, kind):
+    """Drafts are cut where the grammar refuses them and every verified row is masked by the
+    grammar state after the drafts before it: greedy and seeded outputs equal plain decoding."""
+    texts = ["The answer is", "Record: Oslo 1048", "ab12 ab12 ab12 cd", "city year city"]
+    fields = {"max_tokens": 40, "temperature": 0.0, **CONSTRAINED[kind]}
+    seeded = {**fields, "temperature": 0.9, "seed": 3}
+    for kw in (fields, seeded):
+        ref = eng.generate(texts, SamplingParams(**kw, speculative=OFF), model=model)
+        got = eng.generate(texts, SamplingParams(**kw, speculative=spec), model=model)
+        assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+        if kind == "json":  # complete outputs parse (a random model may run to max_tokens)
+            done = [o for o in got if o.finish_reason == "stop"]
+            assert all(json.loads(o.text).keys() == {"city", "year"} for o in done)
+    if model == "tiny-self" and spec is DRAFT:  # the target drafting for itself
+        assert sum(o.num_accepted_tokens for o in got) > 0
+
+
+def test_unseeded_sampled_constrained_requests_do_not_use_the_draft_model(eng):
+    params = SamplingParams(max_tokens=12, temperature=0.9, speculative=DRAFT, regex=r"[a-z]{4,12}")
+    outs = eng.generate(["The answer is"] * 2, params, model="tiny-self")
+    assert all(o.num_draft_tokens == 0 and re.fullmatch(r"[a-z]{4,12}", o.text) for o in outs)
