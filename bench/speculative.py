@@ -17,8 +17,10 @@ Setup: one engine with demo-draft and demo-large (float32, speculative config
   4. ngram_extract  the product's extraction model, demo-base:extract (base + LoRA adapter),
                     configured with prompt lookup {method: ngram, num_tokens: K}: held-out
                     extract prompts one at a time, greedy, on vs off, after a warm-up on other
-                    held-out prompts (the history of past outputs fills there); the same on a
-                    second copy of demo-base with the output history off (prompt only).
+                    held-out prompts (the history of past outputs fills there); free and under
+                    the task's JSON-schema constraint (models/task_constraints.py, as the
+                    product runs it); the same on a second copy of demo-base with the output
+                    history off (prompt only).
 
 Usage: .venv/bin/python bench/speculative.py [--quick] [--threads N] [--num-tokens K]
 """
@@ -41,6 +43,7 @@ import torch
 from engine import Engine, SamplingParams, SpeculativeConfig, SpeculativeOverride
 from engine.speculative import expected_tokens
 from models import tasks
+from models.task_constraints import task_constraint
 from tools.kb import generate_world
 
 log = logging.getLogger("bench.speculative")
@@ -97,15 +100,15 @@ def timed(eng: Engine, prompts, params, model: str = TARGET) -> tuple[float, lis
     return time.perf_counter() - start, outs
 
 
-def one_by_one(
-    eng: Engine, prompts, on: SamplingParams, off: SamplingParams, model: str = TARGET
-) -> dict:
-    """Each prompt alone, on and off interleaved (alternating order); totals per condition."""
+def one_by_one(eng: Engine, prompts, on, off, model: str = TARGET) -> dict:
+    """Each prompt alone, on and off interleaved (alternating order); totals per condition.
+    `on` and `off` are one SamplingParams for all prompts or a list, one per prompt."""
     t_on = t_off = 0.0
     n_on = n_off = drafts = accepted = 0
     identical = True
     for i, p in enumerate(prompts):
-        order = [(True, on), (False, off)] if i % 2 else [(False, off), (True, on)]
+        p_on, p_off = _at(on, i), _at(off, i)
+        order = [(True, p_on), (False, p_off)] if i % 2 else [(False, p_off), (True, p_on)]
         result = {}
         for is_on, params in order:
             seconds, [out] = timed(eng, [p], params, model)
@@ -216,24 +219,47 @@ def batch16_mixed(eng: Engine, rounds: int) -> dict:
 
 
 def ngram_extract(eng: Engine, n: int, warm: int) -> dict:
-    """demo-base:extract with prompt lookup vs off; the history of past outputs vs none."""
-    greedy = SamplingParams(max_tokens=128, temperature=0.0)
-    warmup = chat_prompts(eng, "extract", warm)
-    prompts = chat_prompts(eng, "extract", n, skip=warm)
-    figures = {"warmup_requests": warm}
-    for key, base in (("with_history", BASE), ("prompt_only", PROMPT_ONLY)):
-        model = f"{base}:extract"
-        for p in warmup:  # one at a time, as measured: fills the history and the speed model
-            eng.generate([p], greedy, model=model)
-        before = eng.speculative_stats(base)
-        figures[key] = one_by_one(eng, prompts, greedy, _with(greedy, OFF), model=model)
-        after = eng.speculative_stats(base)
-        rounds = after["rounds"] - before["rounds"]
-        accepted = after["accepted_tokens"] - before["accepted_tokens"]
-        figures[key]["tokens_per_round"] = round((accepted + rounds) / max(rounds, 1), 3)
-    figures["speedup"] = figures["with_history"]["speedup"]
+    """demo-base:extract with prompt lookup vs off, free and under the task's JSON-schema
+    constraint (how the product runs extraction); the history of past outputs vs none."""
+    examples = tasks.generate("extract", "heldout", warm + n)
+    prompts = chat_prompts(eng, "extract", warm + n)
+    figures: dict = {"warmup_requests": warm}
+    for constrained in (False, True):
+        params = [
+            SamplingParams(
+                max_tokens=128,
+                temperature=0.0,
+                **(task_constraint("extract", e.user) if constrained else {}),
+            )
+            for e in examples
+        ]
+        runs = figures["constrained" if constrained else "free"] = {}
+        for key, base in (("with_history", BASE), ("prompt_only", PROMPT_ONLY)):
+            runs[key] = _extract_run(eng, f"{base}:extract", prompts, params, warm)
+    figures["speedup_constrained"] = figures["constrained"]["with_history"]["speedup"]
+    figures["speedup_free"] = figures["free"]["with_history"]["speedup"]
     figures["target"] = ">= 1.5x"
     return figures
+
+
+def _extract_run(eng: Engine, model: str, prompts, params, warm: int) -> dict:
+    """Warm up on the first `warm` prompts (one at a time, as measured: fills the output
+    history and the speed model), then measure the rest on vs off."""
+    base = model.partition(":")[0]
+    for p, sp in zip(prompts[:warm], params[:warm], strict=True):
+        eng.generate([p], sp, model=model)
+    before = eng.speculative_stats(base)
+    on = params[warm:]
+    figures = one_by_one(eng, prompts[warm:], on, [_with(p, OFF) for p in on], model=model)
+    after = eng.speculative_stats(base)
+    rounds = after["rounds"] - before["rounds"]
+    accepted = after["accepted_tokens"] - before["accepted_tokens"]
+    figures["tokens_per_round"] = round((accepted + rounds) / max(rounds, 1), 3)
+    return figures
+
+
+def _at(params, i: int) -> SamplingParams:
+    return params[i] if isinstance(params, list) else params
 
 
 def _with(params: SamplingParams, spec: SpeculativeOverride) -> SamplingParams:
