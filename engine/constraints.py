@@ -110,6 +110,10 @@ class TokenConstraint:
         """How many leading tokens of a draft the grammar allows, without consuming them."""
         return self._matcher.validate_tokens(list(token_ids)) if token_ids else 0
 
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar forces next (in its own tokenization), without consuming them."""
+        return list(self._matcher.compute_ff_tokens())
+
     def rollback(self, n: int) -> None:
         """Undo the last `n` advanced tokens."""
         if n > 0:

@@ -275,11 +275,7 @@ class Speculator:
         cap = min(state.num_tokens, seq.max_total_tokens - seq.num_tokens - 1)
         alpha, proposal = state.acceptance.rate, []
         if state.method == "ngram" and cap > 0:
-            cfg = self.config
-            lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
-            proposal, state.match_len, state.match_from = lookup(
-                seq.token_ids, cap, (lo, hi), self._history(seq)
-            )
+            proposal = self._lookup(seq, cap)
             # How often a match of this length pays off on this model, overruled by the
             # request's own record as it builds up (its decayed count saturates near 3).
             alpha = state.acceptance.blend(self._prior(state).rate, pseudo=1.5)
@@ -293,6 +289,20 @@ class Speculator:
             proposal,
             alpha,
         )
+
+    def _lookup(self, seq: Sequence, k: int) -> list[int]:
+        """Prompt lookup (the request, then past outputs); where neither has a match, the
+        tokens a request's grammar forces next (a JSON key after `{"`, say)."""
+        state: SpecState = seq.spec
+        cfg = self.config
+        lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
+        proposal, state.match_len, state.match_from = lookup(
+            seq.token_ids, k, (lo, hi), self._history(seq)
+        )
+        if not proposal and seq.constraint is not None:
+            proposal = seq.constraint.forced_tokens()[:k]
+            state.match_len, state.match_from = (len(proposal), "grammar") if proposal else (0, "")
+        return proposal
 
     def _prior(self, state: SpecState) -> Acceptance:
         """The model-wide acceptance of the request's proposer (prompt lookup: per match length

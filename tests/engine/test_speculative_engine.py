@@ -441,3 +441,16 @@ def test_unseeded_sampled_constrained_requests_do_not_use_the_draft_model(eng):
     params = SamplingParams(max_tokens=12, temperature=0.9, speculative=DRAFT, regex=r"[a-z]{4,12}")
     outs = eng.generate(["The answer is"] * 2, params, model="tiny-self")
     assert all(o.num_draft_tokens == 0 and re.fullmatch(r"[a-z]{4,12}", o.text) for o in outs)
+
+
+def test_grammar_forced_tokens_are_proposed_when_lookup_finds_nothing(tiny_llama):
+    """A regex that forces a long literal: prompt lookup has no match in a fresh model without
+    history, so the forced tokens are the proposal, and all of them are accepted."""
+    config = SpeculativeConfig(method="ngram", num_tokens=6, adaptive=False, ngram_history=False)
+    params = {"max_tokens": 30, "temperature": 0.0, "regex": r"release notes: [0-9]{3}"}
+    with Engine() as e:
+        e.load_model("tiny", tiny_llama, dtype="float32", speculative=config)
+        ref = e.generate(["Hi"], SamplingParams(**params, speculative=OFF), model="tiny")[0]
+        got = e.generate(["Hi"], SamplingParams(**params), model="tiny")[0]
+    assert got.token_ids == ref.token_ids and got.text.startswith("release notes: ")
+    assert got.num_accepted_tokens >= 3
