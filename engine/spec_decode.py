@@ -59,8 +59,10 @@ class SpecState:
     acceptance: Acceptance
     draft_seq: Sequence | None = None  # the request's tokens in the draft model's KV pool
     draft_probs: list[Tensor] = field(default_factory=list)  # q per draft (sampling + draft)
-    match_len: int = 0  # prompt lookup: n of the n-gram behind the current proposal
-    match_from: str = "prompt"  # ... found in the request ("prompt") or in past outputs
+    # Prompt lookup: n of the n-gram behind the current proposal, and where it was found: the
+    # request ("prompt"), past outputs ("history") or forced by its grammar ("grammar").
+    match_len: int = 0
+    match_from: str = "prompt"
     # Seeded sampling: the generator's state before this round's noise, and that noise.
     generator_state: Tensor | None = None
     noise: list[Tensor] = field(default_factory=list)
