@@ -293,18 +293,21 @@ class Speculator:
         )
 
     def _lookup(self, seq: Sequence, k: int) -> list[int]:
-        """Prompt lookup (the request, then past outputs); where neither has a match, the
-        tokens a request's grammar forces next (a JSON key after `{"`, say)."""
+        """The tokens a request's grammar forces next (a JSON key after `{"`, say), then prompt
+        lookup (the request, then past outputs) continuing after them."""
         state: SpecState = seq.spec
+        forced = seq.constraint.forced_tokens()[:k] if seq.constraint is not None else []
         cfg = self.config
         lo, hi = (cfg.ngram_min, cfg.ngram_max) if cfg is not None else (1, 4)
-        proposal, state.match_len, state.match_from = lookup(
-            seq.token_ids, k, (lo, hi), self._history(seq)
+        context = seq.token_ids + forced if forced else seq.token_ids
+        proposal, state.match_len, state.match_from = (
+            lookup(context, k - len(forced), (lo, hi), self._history(seq))
+            if len(forced) < k
+            else ([], 0, "prompt")
         )
-        if not proposal and seq.constraint is not None:
-            proposal = seq.constraint.forced_tokens()[:k]
-            state.match_len, state.match_from = (len(proposal), "grammar") if proposal else (0, "")
-        return proposal
+        if forced:  # judged as its own proposer: grammar-forced tokens are nearly always right
+            state.match_len, state.match_from = min(len(forced), 4), "grammar"
+        return forced + proposal
 
     def _prior(self, state: SpecState) -> Acceptance:
         """The model-wide acceptance of the request's proposer (prompt lookup: per match length
