@@ -15,10 +15,11 @@ EOS is in the mask only where the grammar accepts, and the worker ends the reque
 allows no token, or whose parser is in an error state, finishes with finish_reason "error" and
 the parser's message (`sampling.unsatisfiable_rows`) instead of sampling an arbitrary token.
 
-Speculative decoding does not check drafts against the grammar: under speculation a
-constrained request gets no drafts and decodes one plain token per step (engine/spec_decode.py
-skips it), which is lossless. `valid_prefix` and `rollback` exist for checking drafts but the
-engine does not call them today.
+Under speculative decoding (engine/spec_decode.py) a constrained request's proposal starts with
+the tokens the grammar forces (`forced_tokens`), drafts are cut where the grammar refuses them
+(`valid_prefix`), and each verified row is masked with the state after the drafts before it
+(`advance` through the drafts, then `rollback`); a state that allows no token decodes plainly,
+so it ends with the same error.
 
     >>> from engine.sampling import SamplingParams
     >>> grammar_source(SamplingParams(choice=("yes", "no")))

@@ -27,6 +27,7 @@ from engine.sampling import (
     apply_penalties,
     fit_mask,
     mask_stop_tokens,
+    unsatisfiable_rows,
     warp_logits,
 )
 from engine.scheduler import ScheduledBatch, Scheduler, Sequence, Status
@@ -244,10 +245,16 @@ class Speculator:
         for seq, n in batch.items:
             if seq.spec is None or n != 1 or seq.num_computed + 1 != seq.num_tokens:
                 continue  # prefilling, or speculation off
-            if seq.constraint is not None and not _grammar_exact(seq):
+            if seq.constraint is not None and not self._grammar_ready(seq):
                 continue
             out.append(seq)
         return out
+
+    def _grammar_ready(self, seq: Sequence) -> bool:
+        """May a constrained request speculate now? Not when its grammar allows no token (the
+        worker's plain path ends it with the parser's error) nor where it would not be exact."""
+        width = self.target.args.vocab_size
+        return _grammar_exact(seq) and not unsatisfiable_rows([seq.payload.sampling], width)
 
     @staticmethod
     def _fit_grammar(seq: Sequence) -> None:
@@ -446,7 +453,15 @@ class Speculator:
         logprobs = penalized.log_softmax(dim=-1) if state.params.logprobs is not None else None
         masked = mask_stop_tokens(penalized, views)
         if seq.constraint is not None:
-            masked.masked_fill_(~_grammar_masks(seq, masked.shape[1]), float("-inf"))
+            allowed, usable = _grammar_masks(seq, masked.shape[1])
+            if 0 < usable <= len(drafts):
+                # Accepting draft usable - 1 would leave the grammar no token: plain decoding
+                # may emit it and fails the step after, so stop before it and let the target
+                # choose at that position (`_candidates` keeps such a state from speculating).
+                del drafts[usable - 1 :], seq.spec.draft_probs[usable - 1 :]
+                views, masked, allowed = views[:usable], masked[:usable], allowed[:usable]
+                logprobs = None if logprobs is None else logprobs[:usable]
+            masked.masked_fill_(~allowed, float("-inf"))
         if state.params.greedy:
             tokens = accept_greedy(masked.argmax(dim=-1).tolist(), drafts)
         else:
@@ -519,9 +534,10 @@ def _grammar_exact(seq: Sequence) -> bool:
     return seq.spec.method == "ngram" or params.greedy or seq.payload.sampling.generator is not None
 
 
-def _grammar_masks(seq: Sequence, width: int) -> Tensor:
+def _grammar_masks(seq: Sequence, width: int) -> tuple[Tensor, int]:
     """Bool [1 + k, width]: the tokens the grammar allows at the verified token and after each
-    draft, the state stepped through the drafts and back (the worker advances it for real)."""
+    draft, the state stepped through the drafts and back (the worker advances it for real);
+    and how many leading rows allow some token (a draft may lead to a dead end)."""
     constraint = seq.constraint
     masks, advanced = [], 0
     for j in range(len(seq.draft_ids) + 1):
@@ -530,13 +546,10 @@ def _grammar_masks(seq: Sequence, width: int) -> Tensor:
             break
         advanced += 1
     constraint.rollback(advanced)
-    # Rows past a refused draft (none after `_fit_grammar`) or past a draft that completes the
-    # grammar are never emitted: the request stops first. Let them allow everything so that
-    # no row is all -inf (NaN probabilities).
+    usable = next((j for j, m in enumerate(masks) if not bool(m.any())), len(masks))
+    # Rows past a refused draft (none after `_fit_grammar`) are never reached.
     masks += [masks[-1]] * (len(seq.draft_ids) + 1 - len(masks))
-    rows = torch.stack(masks)
-    rows[~rows.any(dim=1)] = True
-    return rows.to(seq.payload.sampling.device)
+    return torch.stack(masks).to(seq.payload.sampling.device), usable
 
 
 def _logprobs(
