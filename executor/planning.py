@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 from msgspec.structs import replace
@@ -307,7 +308,10 @@ class _Rounds:
             "tasks": [t.view() for t in current.tasks.values()],
         }
         call = self._call(self.spec.joiner, plan)
-        result = await self._model(call, f"{current.number}.joiner", stream_to_step=True)
+        # The step's own deltas carry only what can become its output: no replan answer,
+        # no blanks around it (the answer is stripped), so a chat client can show them at once.
+        answer = _AnswerFeed(partial(self.ctx.delta, self.run_.step_ids), self.spec.replan_marker)
+        result = await self._model(call, f"{current.number}.joiner", on_delta=answer.push)
         return result.text.strip()
 
     # -- model calls and events ----------------------------------------------------------------
@@ -321,7 +325,6 @@ class _Rounds:
         sub: str,
         *,
         on_delta: Callable[[str], None] | None = None,
-        stream_to_step: bool = False,
     ) -> ModelResult:
         """A model call under its model's slot, charged to the step, reported as `sub`."""
         run, ctx = self.run_, self.ctx
@@ -331,8 +334,6 @@ class _Rounds:
 
         def delta(text: str) -> None:
             ctx.emit(events.TokenDelta(run_id=ctx.run_id, step=sid, text=text))
-            if stream_to_step:
-                ctx.delta(run.step_ids, text)
             if on_delta is not None:
                 on_delta(text)
 
@@ -418,6 +419,37 @@ class _LineFeed:
         except PlanRejected as e:
             self.error = e
             self.on_error()
+
+
+class _AnswerFeed:
+    """Passes on a joiner's streamed text as the plan step's output will read: stripped, and
+    nothing at all when the answer turns out to ask for a replan.
+
+    Text is held back while the answer so far (less leading blanks) could still become the
+    replan marker, and trailing blanks are held until something follows them.
+    """
+
+    def __init__(self, emit: Callable[[str], None], marker: str) -> None:
+        self.emit, self.marker = emit, marker
+        self.head = ""  # text before the answer is known not to be a replan
+        self.streaming: bool | None = None  # None: undecided; False: a replan, swallowed
+        self.blanks = ""
+
+    def push(self, text: str) -> None:
+        """More streamed joiner text."""
+        if self.streaming is None:
+            self.head += text
+            start = self.head.lstrip()
+            if not start or self.marker.startswith(start):
+                return
+            self.streaming = not start.startswith(self.marker)
+            text = start
+        if self.streaming:
+            pending = self.blanks + text
+            out = pending.rstrip()
+            self.blanks = pending[len(out) :]
+            if out:
+                self.emit(out)
 
 
 def _plan_grammar(tools: list[str], names: list[str]) -> str:

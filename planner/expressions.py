@@ -47,6 +47,7 @@ __all__ = [
     "evaluate",
     "names",
     "output_of",
+    "passed_through",
     "references",
     "render",
     "render_value",
@@ -464,6 +465,36 @@ def output_of(source: str) -> str | None:
     if isinstance(body, nodes.Assign) and _is_output(body.node):
         return _step_of(body.node.node)
     return None
+
+
+def passed_through(source: str) -> frozenset[str]:
+    """Steps whose output a template renders unchanged: `{{ steps.X.output }}`, or a
+    conditional (`a if c else b`, nested) choosing among such outputs and constants.
+
+    A step that is also read elsewhere in a branch (`steps.X.output | upper`) is left out:
+    then the rendered text is not its output.
+    """
+    expr = _single_expression(_analysis_ast(source, False))
+    if expr is None:
+        return frozenset()
+    chosen: set[str] = set()
+    changed: set[str] = set()
+    _branches(expr, chosen, changed)
+    return frozenset(chosen - changed)
+
+
+def _branches(node: nodes.Expr | None, chosen: set[str], changed: set[str]) -> None:
+    """Sort the steps the value of `node` can come from: as they are, or transformed."""
+    if node is None or isinstance(node, nodes.Const):
+        return
+    if _is_output(node):
+        chosen.add(_step_of(node.node))
+    elif isinstance(node, nodes.CondExpr):  # the test only picks a branch: it is not output
+        _branches(node.expr1, chosen, changed)
+        _branches(node.expr2, chosen, changed)
+    else:
+        changed.update(_step_of(n) for n in node.find_all((nodes.Getattr, nodes.Getitem)))
+        changed.discard(None)
 
 
 def names(source: str, *, expression: bool = False) -> frozenset[str]:

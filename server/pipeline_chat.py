@@ -5,12 +5,16 @@ A pipeline whose spec has a `chat` section is a chat endpoint: the conversation 
 The run is an ordinary stored run: its id comes back in the `x-compound-run-id` header and in
 the body's `compound.run_id` extension, and `GET /v1/runs/{id}` shows every step, including
 the dynamic tasks of a `plan` step. With `stream: true` the answer streams as standard
-`chat.completion.chunk` events; a request with `"compound": {"events": true}` also gets the
+`chat.completion.chunk` events: the text of the step that writes the answer (a step the
+`chat.output` reads: the joiner of a `plan` step, or a plain `generate`) streams token by
+token as the model writes it, then the rest of the answer (all of it when no such step
+streamed, e.g. a cached or computed answer), then the finish chunk. A request with `"compound": {"events": true}` also gets the
 run's step events, as `event: compound.<type>` SSE, before the answer.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,8 +24,10 @@ import msgspec
 from engine.errors import InvalidRequestError
 from executor import events
 from executor.events import Event, encode_event
+from planner.expressions import passed_through
 from planner.physical import PhysicalPlan
 from planner.plan_format import result_text
+from planner.spec import PipelineSpec, Step
 from server.errors import RunFailedError, error_response
 from server.openai_serving import DONE_EVENT, template_message
 from server.openai_types import (
@@ -38,6 +44,8 @@ from server.runs import ActiveRun
 from server.service import PipelineService
 from server.store import Resolved
 
+log = logging.getLogger(__name__)
+
 RUN_HEADER = "x-compound-run-id"
 
 
@@ -51,6 +59,7 @@ class ChatRun(msgspec.Struct, frozen=True, kw_only=True):
     active: ActiveRun
     include_usage: bool
     events: bool
+    answer_steps: frozenset[str] = frozenset()  # steps whose streamed text is the answer
 
     @property
     def run_id(self) -> str:
@@ -86,7 +95,26 @@ async def start_chat_run(
         active=active,
         include_usage=req.stream_options is not None and req.stream_options.include_usage,
         events=want_events,
+        answer_steps=answer_steps(plan.spec),
     )
+
+
+def answer_steps(spec: PipelineSpec) -> frozenset[str]:
+    """The steps whose model text becomes the chat answer as it is: those whose output the
+    `chat.output` template renders unchanged (possibly choosing among them) and that produce
+    plain text (a `plan` step's joiner, or a `generate` without an output constraint or a
+    fan-out). At most one of them streams in a run: the first that writes."""
+    if spec.chat is None or spec.chat.output not in spec.outputs:
+        return frozenset()
+    read = passed_through(spec.outputs[spec.chat.output])
+    return frozenset(sid for sid in read if sid in spec.steps and _writes_text(spec.steps[sid]))
+
+
+def _writes_text(step: Step) -> bool:
+    if step.plan is not None:
+        return True
+    plain = step.output is None and step.output_schema is None and step.map is None
+    return step.generate is not None and plain
 
 
 def _check_fields(req: ChatCompletionRequest) -> None:
@@ -147,23 +175,64 @@ async def chat_stream(chat: ChatRun) -> AsyncIterator[bytes]:
     """SSE: the role chunk, step events if asked, the answer and finish chunks, `[DONE]`."""
     yield _chunk(chat, ChatDelta(role="assistant", content=""), extension=True)
     stream = chat.active.events
+    answer = _AnswerStream(chat.answer_steps)
     try:
         async for event in stream or _nothing():
             if chat.events:
                 yield _step_event(event)
-            async for piece in _ending(chat, event):
+            text = answer.take(event)
+            if text:
+                yield _chunk(chat, ChatDelta(content=text))
+            async for piece in _ending(chat, event, answer):
                 yield piece
     except Exception as e:
         yield b"data: " + msgspec.json.encode(error_response(e)[1]) + b"\n\n"
     yield DONE_EVENT
 
 
-async def _ending(chat: ChatRun, event: Event) -> AsyncIterator[bytes]:
+_ENDS_ATTEMPT = events.StepRetried | events.StepFailed | events.StepSkipped
+
+
+class _AnswerStream:
+    """Which answer step's text streams, and how much of the answer has gone out.
+
+    The first answer step that streams text is followed; if it is retried (or falls back)
+    before any of its text went out, the next attempt or step may stream instead.
+    """
+
+    def __init__(self, steps: frozenset[str]) -> None:
+        self.steps = steps
+        self.step: str | None = None
+        self.sent = ""
+
+    def take(self, event: Event) -> str:
+        """The answer text `event` adds ("" for none)."""
+        if isinstance(event, events.TokenDelta) and event.step in self.steps:
+            if self.step is None:
+                self.step = event.step
+            if event.step == self.step:
+                self.sent += event.text
+                return event.text
+        elif isinstance(event, _ENDS_ATTEMPT) and event.step == self.step and not self.sent:
+            self.step = None
+        return ""
+
+    def rest(self, answer: str, run_id: str) -> str:
+        """What remains to send of the final answer; `RunFailedError` when the text that
+        went out is not its beginning (a retry after streaming: it cannot be taken back)."""
+        if not answer.startswith(self.sent):
+            log.warning("run %s: the streamed text of %s is not the answer", run_id, self.step)
+            why = f"step {self.step!r} was retried after its text streamed; the answer is stored"
+            raise RunFailedError(run_id, why)
+        return answer[len(self.sent) :]
+
+
+async def _ending(chat: ChatRun, event: Event, streamed: _AnswerStream) -> AsyncIterator[bytes]:
     """The chunks that end the answer, when `event` ends the run."""
     if isinstance(event, events.RunFinished):
-        answer = _text(event.outputs.get(chat.output))
-        if answer:
-            yield _chunk(chat, ChatDelta(content=answer))
+        rest = streamed.rest(_text(event.outputs.get(chat.output)), chat.run_id)
+        if rest:
+            yield _chunk(chat, ChatDelta(content=rest))
         yield _chunk(chat, ChatDelta(), finish_reason="stop")
         if chat.include_usage:
             usage = ChatCompletionChunk(

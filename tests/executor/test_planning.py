@@ -216,6 +216,26 @@ async def test_a_failed_task_and_a_replan_answer_start_another_round(
     assert sum(c.target == PLANNER for c in model.calls) == 3
 
 
+async def test_the_step_streams_only_the_joiner_text_that_becomes_its_answer(
+    tools: ToolRegistry,
+) -> None:
+    good = '1. echo(value="fine")\n2. join()'
+    # round 1 asks to replan (its text must not stream as the answer); round 2's answer is
+    # stripped, so its blanks must not stream either; "Rep" could have been a replan
+    answers = iter(["  Replan: not enough", "\n Reply: fine and dandy  \n"])
+    model = StreamingModel([good, good], join=lambda prompt: next(answers))
+    result, found = await run(model, tools, max_rounds=2)
+    assert result.status == "succeeded", result.error
+    deltas = [e.text for e in found if isinstance(e, events.TokenDelta) and e.step == "answer"]
+    assert len(deltas) > 1 and "".join(deltas) == result.outputs["answer"]
+    assert result.outputs["answer"] == "Reply: fine and dandy"
+    # the joiner's own sub-step still streams everything it wrote
+    replan = [
+        e.text for e in found if isinstance(e, events.TokenDelta) and e.step == "answer.1.joiner"
+    ]
+    assert "".join(replan) == "  Replan: not enough"
+
+
 async def test_replans_sample_at_the_replan_temperature(tools: ToolRegistry) -> None:
     model = StreamingModel(["nonsense", "1. echo(value=1)\n2. join()"], join=lambda p: "ok")
     result, _ = await run(model, tools, replan_temperature=0.7)

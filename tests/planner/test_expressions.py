@@ -14,6 +14,7 @@ from planner.expressions import (
     check,
     evaluate,
     output_of,
+    passed_through,
     references,
     render,
     render_value,
@@ -108,6 +109,24 @@ def test_references_and_accesses() -> None:
     assert Access("b", "status", None) in accesses(source)
     assert references("steps.a.output | length > steps.b.output", expression=True) == {"a", "b"}
     assert references("{{ inputs.x }}") == set()
+
+
+@pytest.mark.parametrize(
+    ("template", "steps"),
+    [
+        ("{{ steps.a.output }}", {"a"}),
+        ("{{ steps['a'].output }}", {"a"}),
+        ("{{ steps.a.output if steps.a.status == 'succeeded' else steps.b.output }}", {"a", "b"}),
+        ("{{ steps.a.output if steps.c.output else 'none' }}", {"a"}),
+        ("{{ steps.a.output }}!", set()),  # text around it
+        ("{{ steps.a.output | upper }}", set()),
+        ("{{ steps.a.output.text }}", set()),
+        ("{{ steps.a.output if x else steps.a.output | trim }}", set()),  # transformed too
+        ("{{ steps.a.output if x else steps.b.output ~ '.' }}", {"a"}),
+    ],
+)
+def test_passed_through_names_outputs_rendered_unchanged(template: str, steps: set[str]) -> None:
+    assert passed_through(template) == steps
 
 
 def test_output_of() -> None:

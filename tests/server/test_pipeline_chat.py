@@ -107,3 +107,37 @@ def test_the_stock_openai_client_talks_to_a_pipeline(server_url: str) -> None:
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "20 True"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+STREAM_SPEC = """
+name: {name}
+chat: {{input: messages, output: answer}}
+inputs:
+  messages: {{type: array, items: {{type: object}}}}
+models: {{writer: {model}}}
+steps:
+  reply:
+    generate: {{model: writer, prompt: "{{{{ inputs.messages[-1].content }}}}", max_tokens: 12}}
+outputs:
+  answer: "{{{{ steps.reply.output }}}}"
+"""
+
+
+def test_the_answer_streams_token_by_token_with_the_stock_client(server_url: str) -> None:
+    name = f"chat-{uuid.uuid4().hex[:8]}"
+    spec = STREAM_SPEC.format(name=name, model=MODEL)
+    created = httpx.post(f"{server_url}/v1/pipelines", content=spec, headers=YAML, timeout=30)
+    assert created.status_code == 201, created.text
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="x", max_retries=0, timeout=30)
+    whole = client.chat.completions.create(model=name, messages=MESSAGES)
+    stream = client.chat.completions.create(
+        model=name, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    # greedy: the same text, but as it was generated, not in one piece at the end
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
