@@ -77,6 +77,9 @@ async def test_answers_held_out_questions_with_a_traced_dynamic_dag(
             # the tool calls of the plan, and the joiner, are steps of the run's trace
             assert {"reason.1.1", "reason.1.joiner"} <= steps or "reason.2.joiner" in steps
             right += result.outputs["answer"].strip() == gold
+            # what a chat client is streamed of the plan step is exactly its answer
+            deltas = [e for e in found if isinstance(e, events.TokenDelta) and e.step == "reason"]
+            assert "".join(e.text for e in deltas) == result.outputs["answer"]
         else:  # a plan the executor refused or a tool error, recorded on the run
             assert "no answer in 2 round(s)" in (result.error or "")
     assert right >= QUESTIONS // 3
