@@ -11,10 +11,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor import events
 from executor.errors import BudgetExceeded
+
+if TYPE_CHECKING:
+    from executor.backends import ModelResult
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,9 @@ class RunContext:
         self.inputs = inputs
         self.max_total_tokens = max_total_tokens
         self.keep_step_outputs = keep_step_outputs
-        self.tokens = 0
+        self.tokens = 0  # every model call's prompt and completion tokens
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.results = {sid: StepResult(sid) for sid in step_ids}
         self.route_choices: dict[str, str | None] = {}
         self._steps: dict[str, dict[str, Any]] = {}
@@ -185,10 +190,15 @@ class RunContext:
 
     # -- tokens --------------------------------------------------------------------------------
 
-    def charge(self, tally: StepTally, tokens: int, *, step: str, step_limit: int | None) -> None:
+    def charge(
+        self, tally: StepTally, used: ModelResult, *, step: str, step_limit: int | None
+    ) -> None:
         """Count a call's tokens against the step's budget and the run's `max_total_tokens`."""
+        tokens = used.prompt_tokens + used.completion_tokens
         tally.tokens += tokens
         self.tokens += tokens
+        self.prompt_tokens += used.prompt_tokens
+        self.completion_tokens += used.completion_tokens
         if step_limit is not None and tally.tokens > step_limit:
             raise BudgetExceeded(
                 f"step {step!r} used {tally.tokens} tokens, over its budget of {step_limit}"

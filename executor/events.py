@@ -82,12 +82,15 @@ class StepFailed(msgspec.Struct, tag="step_failed", **_EVENT):
 
 
 class RunFinished(msgspec.Struct, tag="run_finished", **_EVENT):
-    """The run succeeded with these outputs."""
+    """The run succeeded with these outputs; `tokens` = prompt + completion tokens of all
+    its model calls."""
 
     run_id: str
     outputs: dict[str, Any]
     duration_s: float
     tokens: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class RunFailed(msgspec.Struct, tag="run_failed", **_EVENT):

@@ -106,8 +106,7 @@ async def generate(
         async with env.slots.hold(f"model:{call.target}", run.priority):
             result = await env.backends.generate(call, partial(ctx.delta, run.step_ids))
         budget = run.step.budget.max_tokens if run.step.budget else None
-        tokens = result.prompt_tokens + result.completion_tokens
-        ctx.charge(run.tally, tokens, step=run.name, step_limit=budget)
+        ctx.charge(run.tally, result, step=run.name, step_limit=budget)
         return result
 
     check = partial(_checked_text, run.step)

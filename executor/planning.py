@@ -349,7 +349,7 @@ class _Rounds:
         tokens = result.prompt_tokens + result.completion_tokens
         self._event_finished(sub, result.text, started, tokens=tokens, model=call.target)
         budget = run.step.budget.max_tokens if run.step.budget else None
-        ctx.charge(run.tally, tokens, step=run.name, step_limit=budget)
+        ctx.charge(run.tally, result, step=run.name, step_limit=budget)
         return result
 
     def _event_started(self, sub: str) -> float:

@@ -91,6 +91,8 @@ class RunResult:
     failed_step: str | None = None
     duration_s: float = 0.0
     tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     exception: BaseException | None = field(default=None, repr=False)
 
 
@@ -137,7 +139,12 @@ async def execute(
     duration = time.monotonic() - started
     ctx.emit(
         events.RunFinished(
-            run_id=ctx.run_id, outputs=outputs, duration_s=duration, tokens=ctx.tokens
+            run_id=ctx.run_id,
+            outputs=outputs,
+            duration_s=duration,
+            tokens=ctx.tokens,
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
         )
     )
     return RunResult(
@@ -148,6 +155,8 @@ async def execute(
         steps=ctx.results,
         duration_s=duration,
         tokens=ctx.tokens,
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
     )
 
 
@@ -220,6 +229,8 @@ def _failed(ctx: RunContext, error: Exception, duration: float) -> RunResult:
         failed_step=failed_step,
         duration_s=duration,
         tokens=ctx.tokens,
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
         exception=error,
     )
 

@@ -154,7 +154,7 @@ async def chat_answer(chat: ChatRun) -> dict[str, Any]:
         choices=[
             ChatChoice(index=0, message=AssistantMessage(content=answer), finish_reason="stop")
         ],
-        usage=_usage(record.total_tokens),
+        usage=_usage(record.prompt_tokens, record.completion_tokens),
     )
     return msgspec.to_builtins(body) | {"compound": chat.extension()}
 
@@ -163,9 +163,14 @@ def _text(value: Any) -> str:
     return "" if value is None else result_text(value)
 
 
-def _usage(tokens: int) -> Usage:
-    # A run counts every model call's tokens together; it does not split prompt from completion.
-    return Usage(prompt_tokens=0, completion_tokens=tokens, total_tokens=tokens)
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """The run's usage: every model call's prompt and completion tokens (planner, tools'
+    model calls, joiner, retries), summed."""
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
 # -- streams -----------------------------------------------------------------------------------
@@ -240,7 +245,7 @@ async def _ending(chat: ChatRun, event: Event, streamed: _AnswerStream) -> Async
                 created=chat.created,
                 model=chat.model,
                 choices=[],
-                usage=_usage(event.tokens),
+                usage=_usage(event.prompt_tokens, event.completion_tokens),
             )
             yield _data(msgspec.to_builtins(usage))
     elif isinstance(event, events.RunFailed | events.RunCancelled):

@@ -214,6 +214,8 @@ class RunInfo(Struct, **_RESPONSE):
     error: str | None
     failed_step: str | None
     total_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -244,6 +246,8 @@ class RunInfo(Struct, **_RESPONSE):
             error=record.error,
             failed_step=record.failed_step,
             total_tokens=record.total_tokens,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
             created_at=record.created_at,
             started_at=record.started_at,
             finished_at=record.finished_at,

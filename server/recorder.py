@@ -101,6 +101,8 @@ def _run_finished(event: RunFinished, at: _EventContext) -> Change:
         "status": "succeeded",
         "outputs": jsonable(event.outputs),
         "total_tokens": event.tokens,
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
         "finished_at": timestamp(at.now),
     }
     return RunChange(values=values)

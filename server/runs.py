@@ -248,6 +248,8 @@ def _final(result: RunResult) -> RunChange:
         "error": result.error,
         "failed_step": result.failed_step,
         "total_tokens": result.tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
     }
     if result.outputs is not None:
         values["outputs"] = jsonable(result.outputs)

@@ -116,6 +116,8 @@ class RunRecord(msgspec.Struct, **_RECORD):
     error: str | None
     failed_step: str | None
     total_tokens: int
+    prompt_tokens: int  # of total_tokens
+    completion_tokens: int
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -584,6 +586,8 @@ def _run(row: RunRow, *, steps: bool) -> RunRecord:
         error=row.error,
         failed_step=row.failed_step,
         total_tokens=row.total_tokens,
+        prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens,
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,

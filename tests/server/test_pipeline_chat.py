@@ -141,3 +141,27 @@ def test_the_answer_streams_token_by_token_with_the_stock_client(server_url: str
     assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
+
+
+def test_usage_splits_prompt_and_completion_tokens_over_the_runs_calls(client: TestClient) -> None:
+    name = f"chat-{uuid.uuid4().hex[:8]}"
+    # two model calls: the answer step and a second one the answer does not show
+    spec = STREAM_SPEC.format(name=name, model=MODEL).replace(
+        "outputs:",
+        '  aside:\n    generate: {model: writer, prompt: "a longer prompt, of several tokens",'
+        ' max_tokens: 5}\noutputs:\n  aside: "{{ steps.aside.output }}"',
+    )
+    assert client.post("/v1/pipelines", content=spec, headers=YAML).status_code == 201
+    response = client.post("/v1/chat/completions", json={"model": name, "messages": MESSAGES})
+    usage = response.json()["usage"]
+    run = client.get(f"/v1/runs/{response.headers['x-compound-run-id']}").json()
+    steps = {s["step"]: s["tokens"] for s in run["steps"]}
+    assert set(steps) == {"reply", "aside"}
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["total_tokens"] == run["total_tokens"] == sum(steps.values())
+    assert (run["prompt_tokens"], run["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    # at most 12 + 5 generated; both prompts (the longer one alone has several) counted apart
+    assert 2 <= usage["completion_tokens"] <= 17 and usage["prompt_tokens"] >= 6
