@@ -40,6 +40,7 @@ from planner.plan_format import (
     PlanSyntaxError,
     Ref,
     parse_line,
+    question_names,
     result_text,
     substitute,
 )
@@ -208,15 +209,20 @@ class _Rounds:
         if current.number > 1 and self.spec.replan_temperature is not None:
             call = replace(call, temperature=self.spec.replan_temperature)
         if self.spec.constrain:
-            call = replace(call, grammar=_plan_grammar(sorted(self.tools), self._names()))
+            # A sequential turn writes the next line only: its grammar starts there.
+            first = len(current.lines) + 1 if self.spec.mode == "sequential" else 1
+            grammar = _plan_grammar(
+                sorted(self.tools), self._names(), first=first, max_steps=self.spec.max_tasks
+            )
+            call = replace(call, grammar=grammar)
         return call
 
     def _names(self) -> list[str]:
-        """Names a constrained plan may write in grounded arguments: the grounding's words
-        (none when the step grounds nothing: then names are free)."""
+        """Names a constrained plan may write in grounded arguments: the grounding's candidate
+        names (its capitalised words; none when the step grounds nothing: then names are free)."""
         if not self.spec.grounded_args:
             return []
-        return sorted(set(re.findall(r"\w+", self.grounding)))
+        return list(question_names(self.grounding))
 
     def _accept(self, current: Round, line: str) -> Task | None:
         """Parse line N, check it, and start its tool call (join() ends the plan)."""
@@ -452,13 +458,14 @@ class _AnswerFeed:
                 self.emit(out)
 
 
-def _plan_grammar(tools: list[str], names: list[str]) -> str:
-    """The plan grammar over these tools and names (constrained decoding)."""
+def _plan_grammar(tools: list[str], names: list[str], *, first: int, max_steps: int) -> str:
+    """The plan grammar over these tools and names, from line `first`, at most `max_steps`
+    calls (constrained decoding: the task limit holds while decoding too)."""
     from planner import plan_format
 
     if not plan_format.has_grammar():
         raise OperatorError("constrained plan decoding is not available on this server")
-    return plan_format.plan_grammar(tools, names=names)
+    return plan_format.plan_grammar(tools, names=names, first=first, max_steps=max_steps)
 
 
 def _printable(args: dict[str, Any]) -> dict[str, Any]:

@@ -237,17 +237,24 @@ _SENTENCE_START = re.compile(r"(?:^|[.?!]\s+)([A-Z][A-Za-z0-9]*)")
 
 
 def plan_grammar(
-    tools: Sequence[str], *, names: Sequence[str] = (), max_steps: int = MAX_STEPS
+    tools: Sequence[str],
+    *,
+    names: Sequence[str] = (),
+    max_steps: int = MAX_STEPS,
+    first: int = 1,
 ) -> str:
     """The Lark grammar (llguidance dialect) of a plan calling only `tools`.
 
     Line n is `n. call` or `n. join()`, so numbering is exact; a `$K` on line n has 1 <= K < n.
     With `names`, an `entity` argument is one of those names as a JSON string, or a `$K`.
+    `first` > 1 is the rest of a plan whose lines before it are written (a ReAct-style turn).
     """
     if not tools:
         raise ValueError("plan_grammar needs at least one tool")
+    if not 1 <= first <= max_steps + 1:
+        raise ValueError(f"plan_grammar: first line {first} is not in 1..{max_steps + 1}")
     rules = [
-        "start: line1",
+        f"start: line{first}",
         "tool: " + " | ".join(json.dumps(t) for t in sorted(set(tools))),
         'sep: "," " "?',
         'eq: " "? "=" " "?',

@@ -8,12 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
-from engine import SamplingParams
 from executor import events
-from executor.backends import EngineBackend, ModelCall, ModelResult
-from executor.errors import BackendError
+from executor.backends import ModelCall, ModelResult
 from executor.run import execute
 from planner import plan_format
 from tests.executor.conftest import Events, Recorder, backends_of, compile_dict
@@ -262,34 +258,33 @@ async def test_ungrounded_arguments_are_rejected_before_they_run(
 
 
 async def test_constrained_plans_carry_the_plan_grammar_to_the_backend(
-    tools: ToolRegistry, monkeypatch: pytest.MonkeyPatch
+    tools: ToolRegistry,
 ) -> None:
-    # The grammar itself belongs to planner.plan_format (constrained decoding); here only
-    # that the plan step asks for it with the declared tools and the grounding's words.
-    seen: list[tuple[list[str], list[str]]] = []
-
-    def plan_grammar(tools: list[str], *, names: list[str] = ()) -> str:
-        seen.append((list(tools), list(names)))
-        return "start: PLAN"
-
-    monkeypatch.setattr(plan_format, "plan_grammar", plan_grammar, raising=False)
+    # The grammar itself belongs to planner.plan_format (tests/planner/test_plan_grammar.py);
+    # here: the plan step asks for it with the declared tools, the grounding's candidate
+    # names and the task limit.
     model = StreamingModel(['1. echo(value="a")\n2. join()'], join=lambda p: "ok")
+    grounding = "Is Zarnoth taller than Velmora?"
     result, _ = await run(
-        model, tools, constrain=True, grounding="Zarnoth or Velmora", grounded_args=["value"]
+        model, tools, constrain=True, grounding=grounding, grounded_args=["value"], max_tasks=3
     )
     assert result.status == "failed"  # "a" is not in the grounding, and the model ignores it
-    assert [c.grammar for c in model.calls] == ["start: PLAN", "start: PLAN"]
-    assert seen[0] == (["echo", "sleep"], ["Velmora", "Zarnoth", "or"])
+    expected = plan_format.plan_grammar(
+        ["echo", "sleep"], names=["Zarnoth", "Velmora"], max_steps=3
+    )
+    assert [c.grammar for c in model.calls] == [expected, expected]
 
 
-def test_the_engine_backend_passes_a_grammar_on_or_refuses_it() -> None:
-    backend = EngineBackend(engine=None)  # a prompt call never asks the engine for a tokenizer
-    call = ModelCall(target="m", prompt="x", grammar="start: 'a'")
-    if "grammar" in SamplingParams.__struct_fields__:
-        assert backend._request(call).params.grammar == "start: 'a'"
-    else:
-        with pytest.raises(BackendError, match="grammar"):
-            backend._request(call)
+async def test_a_sequential_turn_is_constrained_from_the_line_it_writes(
+    tools: ToolRegistry,
+) -> None:
+    model = StreamingModel(['1. echo(value="a")\n2. echo(value=$1)\n3. join()'], join=str)
+    result, _ = await run(model, tools, "sequential", constrain=True)
+    assert result.status == "succeeded", result.error
+    grammars = [c.grammar for c in model.calls if c.target == PLANNER]
+    assert grammars == [
+        plan_format.plan_grammar(["echo", "sleep"], first=n, max_steps=16) for n in (1, 2, 3)
+    ]
 
 
 async def test_a_fallback_planner_gets_fresh_rounds(tools: ToolRegistry) -> None:

@@ -66,3 +66,16 @@ def test_question_names_skip_question_words_and_possessives():
 def test_a_plan_needs_tools():
     with pytest.raises(ValueError, match="at least one tool"):
         plan_grammar(())
+
+
+def test_a_grammar_from_a_later_line_continues_a_written_plan(compiler):
+    grammar = plan_grammar(TOOLS, first=3, max_steps=4)
+    assert accepts(compiler, grammar, '3. calc(expression="$1 + $2")\n4. join()')
+    assert not accepts(compiler, grammar, '1. calc(expression="1")\n2. join()')  # restarts
+    assert accepts(compiler, grammar, '3. kb.lookup(entity=$2, field="area")\n4. join()')
+    assert not accepts(compiler, grammar, '3. kb.lookup(entity=$3, field="area")\n4. join()')
+    four = '3. calc(expression="1")\n4. calc(expression="2")\n'
+    assert accepts(compiler, grammar, four + "5. join()")
+    assert not accepts(compiler, grammar, four + '5. calc(expression="3")\n6. join()')  # > 4
+    with pytest.raises(ValueError, match="first line"):
+        plan_grammar(TOOLS, first=6, max_steps=4)
