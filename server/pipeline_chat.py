@@ -5,11 +5,12 @@ A pipeline whose spec has a `chat` section is a chat endpoint: the conversation 
 The run is an ordinary stored run: its id comes back in the `x-compound-run-id` header and in
 the body's `compound.run_id` extension, and `GET /v1/runs/{id}` shows every step, including
 the dynamic tasks of a `plan` step. With `stream: true` the answer streams as standard
-`chat.completion.chunk` events: the text of the step that writes the answer (a step the
-`chat.output` reads: the joiner of a `plan` step, or a plain `generate`) streams token by
-token as the model writes it, then the rest of the answer (all of it when no such step
-streamed, e.g. a cached or computed answer), then the finish chunk. A request with `"compound": {"events": true}` also gets the
-run's step events, as `event: compound.<type>` SSE, before the answer.
+`chat.completion.chunk` events: the text of the step that writes the answer (one whose
+output `chat.output` renders unchanged: a `plan` step's joiner, a plain `generate`) streams
+token by token as the model writes it, then the rest of the answer (all of it when no such
+step streamed, e.g. a cached or computed answer), then the finish chunk. A request with
+`"compound": {"events": true}` also gets the run's step events, as `event: compound.<type>`
+SSE, each before the chunk it caused.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ async def chat_stream(chat: ChatRun) -> AsyncIterator[bytes]:
     """SSE: the role chunk, step events if asked, the answer and finish chunks, `[DONE]`."""
     yield _chunk(chat, ChatDelta(role="assistant", content=""), extension=True)
     stream = chat.active.events
-    answer = _AnswerStream(chat.answer_steps)
+    answer = AnswerStream(chat.answer_steps)
     try:
         async for event in stream or _nothing():
             if chat.events:
@@ -195,14 +196,11 @@ async def chat_stream(chat: ChatRun) -> AsyncIterator[bytes]:
     yield DONE_EVENT
 
 
-_ENDS_ATTEMPT = events.StepRetried | events.StepFailed | events.StepSkipped
-
-
-class _AnswerStream:
+class AnswerStream:
     """Which answer step's text streams, and how much of the answer has gone out.
 
-    The first answer step that streams text is followed; if it is retried (or falls back)
-    before any of its text went out, the next attempt or step may stream instead.
+    The first answer step that streams text is followed (in a run, one of them runs: the
+    branches of a route); text sent cannot be taken back, so `rest` checks it at the end.
     """
 
     def __init__(self, steps: frozenset[str]) -> None:
@@ -212,27 +210,25 @@ class _AnswerStream:
 
     def take(self, event: Event) -> str:
         """The answer text `event` adds ("" for none)."""
-        if isinstance(event, events.TokenDelta) and event.step in self.steps:
-            if self.step is None:
-                self.step = event.step
-            if event.step == self.step:
-                self.sent += event.text
-                return event.text
-        elif isinstance(event, _ENDS_ATTEMPT) and event.step == self.step and not self.sent:
-            self.step = None
-        return ""
+        if not isinstance(event, events.TokenDelta) or event.step not in self.steps:
+            return ""
+        self.step = self.step or event.step
+        if event.step != self.step:
+            return ""
+        self.sent += event.text
+        return event.text
 
     def rest(self, answer: str, run_id: str) -> str:
         """What remains to send of the final answer; `RunFailedError` when the text that
         went out is not its beginning (a retry after streaming: it cannot be taken back)."""
         if not answer.startswith(self.sent):
             log.warning("run %s: the streamed text of %s is not the answer", run_id, self.step)
-            why = f"step {self.step!r} was retried after its text streamed; the answer is stored"
+            why = f"step {self.step!r} streamed text that is not the answer (retried?)"
             raise RunFailedError(run_id, why)
         return answer[len(self.sent) :]
 
 
-async def _ending(chat: ChatRun, event: Event, streamed: _AnswerStream) -> AsyncIterator[bytes]:
+async def _ending(chat: ChatRun, event: Event, streamed: AnswerStream) -> AsyncIterator[bytes]:
     """The chunks that end the answer, when `event` ends the run."""
     if isinstance(event, events.RunFinished):
         rest = streamed.rest(_text(event.outputs.get(chat.output)), chat.run_id)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from functools import partial
 
 import httpx
 import openai
+import pytest
 from litestar.testing import TestClient
 
+from executor import events
+from server.errors import RunFailedError
+from server.pipeline_chat import AnswerStream
 from tests.server.conftest import MODEL
 
 YAML = {"Content-Type": "application/yaml"}
@@ -165,3 +170,15 @@ def test_usage_splits_prompt_and_completion_tokens_over_the_runs_calls(client: T
     )
     # at most 12 + 5 generated; both prompts (the longer one alone has several) counted apart
     assert 2 <= usage["completion_tokens"] <= 17 and usage["prompt_tokens"] >= 6
+
+
+def test_a_stream_that_went_wrong_ends_in_an_error_not_a_wrong_answer() -> None:
+    stream = AnswerStream(frozenset({"reply", "other"}))
+    delta = partial(events.TokenDelta, run_id="r")
+    assert stream.take(delta(step="reply", text="Hel")) == "Hel"
+    assert stream.take(delta(step="other", text="xyz")) == ""  # one answer step streams
+    assert stream.take(delta(step="reply.1.joiner", text="?")) == ""
+    assert stream.rest("Hello", "r") == "lo"
+    # a retry after text went out: the answer no longer starts with it
+    with pytest.raises(RunFailedError, match="'reply' streamed text that is not the answer"):
+        stream.rest("Goodbye", "r")
