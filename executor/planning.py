@@ -314,11 +314,20 @@ class _Rounds:
             "tasks": [t.view() for t in current.tasks.values()],
         }
         call = self._call(self.spec.joiner, plan)
+        if self.spec.constrain_answer:
+            call = replace(call, choice=self._answers(current))
         # The step's own deltas carry only what can become its output: no replan answer,
         # no blanks around it (the answer is stripped), so a chat client can show them at once.
         answer = _AnswerFeed(partial(self.ctx.delta, self.run_.step_ids), self.spec.replan_marker)
         result = await self._model(call, f"{current.number}.joiner", on_delta=answer.push)
         return result.text.strip()
+
+    def _answers(self, current: Round) -> list[str]:
+        """What a constrained joiner may answer: the grounding's candidate names, the tasks'
+        output texts, or the replan marker."""
+        values = [result_text(t.output) for t in current.tasks.values() if t.error is None]
+        found = [*question_names(self.grounding), *values, self.spec.replan_marker]
+        return [a for a in dict.fromkeys(found) if a.strip()]
 
     # -- model calls and events ----------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class Plan(_Leaf):
         """One printed line."""
         spec = self.step.plan
         extra = " constrain" if spec.constrain else ""
+        extra += " constrain_answer" if spec.constrain_answer else ""
         return (
             f"Plan {ids(self)} planner={_call(self.planner)} joiner={_call(self.joiner)}"
             f" tools=[{', '.join(self.tools)}] mode={spec.mode} rounds<={spec.max_rounds}"

@@ -110,6 +110,9 @@ class PlanSpec(Struct, **_STRUCT):
     # far and stops at the newline), each task run before the next call.
     mode: Literal["parallel", "sequential"] = "parallel"
     constrain: bool = False  # decode the plan under the plan grammar of the declared tools
+    # Decode the joiner's answer as a choice: a candidate name of `grounding`, a task's
+    # output text, or `replan_marker` (for short answers that cite what the plan found).
+    constrain_answer: bool = False
     max_rounds: Annotated[int, Meta(ge=1, le=8)] = 2
     max_tasks: Annotated[int, Meta(ge=1, le=32)] = 16
     replan_marker: Annotated[str, Meta(min_length=1, max_length=64)] = "Replan"

@@ -275,6 +275,18 @@ async def test_constrained_plans_carry_the_plan_grammar_to_the_backend(
     assert [c.grammar for c in model.calls] == [expected, expected]
 
 
+async def test_a_constrained_answer_is_a_choice_of_names_results_and_the_replan_marker(
+    tools: ToolRegistry,
+) -> None:
+    plan = '1. echo(value="Velmora")\n2. sleep(ms=1, value=42)\n3. echo(value=$2)\n4. join()'
+    model = StreamingModel([plan], join=lambda p: "42")
+    grounding = "Is Zarnoth taller than Velmora?"
+    result, _ = await run(model, tools, constrain_answer=True, grounding=grounding)
+    assert result.status == "succeeded", result.error
+    (joiner,) = [c for c in model.calls if c.target == JOINER]
+    assert joiner.choice == ["Zarnoth", "Velmora", "42", "Replan"]  # no repeats, in order
+
+
 async def test_a_sequential_turn_is_constrained_from_the_line_it_writes(
     tools: ToolRegistry,
 ) -> None:
