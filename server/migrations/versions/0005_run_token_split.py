@@ -1,7 +1,7 @@
 """Runs count prompt and completion tokens apart (OpenAI `usage` of a pipeline chat answer).
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-11-22
 
 `total_tokens` stays the sum; runs stored before this revision read 0 for both parts.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
