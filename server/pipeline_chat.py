@@ -125,6 +125,11 @@ def _check_fields(req: ChatCompletionRequest) -> None:
         "tools": bool(req.tools),
         "logprobs": req.logprobs,
         "response_format": req.response_format is not None and req.response_format.type != "text",
+        # constraints would be silently dropped: the pipeline's own steps decide decoding
+        "guided_json": req.guided_json is not None,
+        "guided_regex": req.guided_regex is not None,
+        "guided_choice": req.guided_choice is not None,
+        "guided_grammar": req.guided_grammar is not None,
     }
     for param, bad in unsupported.items():
         if bad:

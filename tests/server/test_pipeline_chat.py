@@ -93,6 +93,11 @@ def test_bad_requests_to_pipelines(client: TestClient) -> None:
     name = register(client)
     two = client.post("/v1/chat/completions", json={"model": name, "messages": MESSAGES, "n": 2})
     assert two.status_code == 400 and two.json()["error"]["param"] == "n"
+    for field, value in [("guided_regex", "a+"), ("guided_choice", ["a", "b"])]:
+        guided = client.post(
+            "/v1/chat/completions", json={"model": name, "messages": MESSAGES, field: value}
+        )
+        assert guided.status_code == 400 and guided.json()["error"]["param"] == field
     unknown = client.post("/v1/chat/completions", json={"model": "no-such", "messages": MESSAGES})
     assert unknown.status_code == 404
 
