@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -42,6 +43,8 @@ class Job:
     prompts: list[list[int]]
     requests: list[GenerationRequest]
     include_usage: bool = False
+    # engine constraint field -> the request field it came from, for error messages
+    constraint_params: dict[str, str] = field(default_factory=dict)
 
     @property
     def prompt_tokens(self) -> int:
@@ -76,6 +79,7 @@ def new_job(
         prompts=prompts,
         requests=requests,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        constraint_params=client_constraint_params(req),
     )
 
 
@@ -123,29 +127,81 @@ def choice_params(
         **{k: v for k, v in optional.items() if v is not None},
         **constraint_fields(req),
     )
-    base.validate(info.max_model_len)
+    try:
+        base.validate(info.max_model_len)
+    except InvalidRequestError as e:
+        raise renamed_param(e, client_constraint_params(req)) from None
     # Choice i gets seed + i: with one shared seed every choice would be the same text.
     return [
         base if req.seed is None or i == 0 else _with_seed(base, req.seed + i) for i in range(req.n)
     ]
 
 
+# The request fields that ask for a constraint, in the order the "at most one" error cites them.
+_CONSTRAINT_FIELDS = ("guided_grammar", "guided_json", "guided_regex", "guided_choice")
+# The engine's SamplingParams field each guided_* (vLLM's names) becomes.
+_ENGINE_FIELD = {
+    "guided_grammar": "grammar",
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+}
+
+
 def constraint_fields(req: SamplingFields) -> dict[str, Any]:
     """The SamplingParams constraint of a request: its guided_* field or JSON response_format."""
+    _check_one_constraint(req)
     given = {
         "json_schema": _json_text(req.guided_json),
         "regex": req.guided_regex,
         "choice": tuple(req.guided_choice) if req.guided_choice else None,
         "grammar": req.guided_grammar,
     }
-    response_format = getattr(req, "response_format", None)
-    if response_format is not None and response_format.type != "text":
-        if given["json_schema"] is not None:
-            raise InvalidRequestError(
-                "give guided_json or a JSON response_format, not both", param="response_format"
-            )
+    response_format = _json_format(req)
+    if response_format is not None:
         given["json_schema"] = _response_schema(response_format)
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _check_one_constraint(req: SamplingFields) -> None:
+    """At most one constraint, named as the client sent it (the engine would name its own fields)."""
+    given = [f for f in _CONSTRAINT_FIELDS if getattr(req, f) is not None]
+    given += ["response_format"] if _json_format(req) is not None else []
+    if len(given) > 1:
+        raise InvalidRequestError(
+            f"give at most one of {', '.join(_CONSTRAINT_FIELDS)} and a JSON response_format, "
+            f"got {', '.join(given)}",
+            param=given[1],
+        )
+
+
+def _json_format(req: SamplingFields) -> Any:
+    """The request's response_format when it asks for JSON, else None (completions have none)."""
+    response_format = getattr(req, "response_format", None)
+    return None if response_format is None or response_format.type == "text" else response_format
+
+
+def client_constraint_params(req: SamplingFields) -> dict[str, str]:
+    """Engine constraint field -> the request field that set it (guided_* or response_format)."""
+    names = {_ENGINE_FIELD[f]: f for f in _CONSTRAINT_FIELDS if getattr(req, f) is not None}
+    response_format = _json_format(req)
+    if response_format is not None:
+        names["json_schema"] = (
+            "response_format.json_schema.schema"
+            if response_format.type == "json_schema"
+            else "response_format"
+        )
+    return names
+
+
+def renamed_param(exc: InvalidRequestError, names: dict[str, str]) -> InvalidRequestError:
+    """`exc` naming the request's field instead of the engine's (`regex` -> `guided_regex`)."""
+    client = names.get(exc.param or "")
+    if client is None:
+        return exc
+    # The engine's constraint messages start with the field's name ("regex is not a valid ...").
+    message = re.sub(rf"^{re.escape(exc.param or '')}\b", client, str(exc))
+    return InvalidRequestError(message, param=client)
 
 
 def _json_text(schema: dict[str, Any] | str | None) -> str | None:
@@ -216,6 +272,8 @@ async def run_job(
     try:
         while running:
             item = await _next(queue, deadline, timeout_s)
+            if isinstance(item, InvalidRequestError):
+                raise renamed_param(item, job.constraint_params) from None
             if isinstance(item, BaseException):
                 raise item
             index, delta = item

@@ -65,13 +65,23 @@ def test_guided_grammar_streams_a_sentence(client: Client) -> None:
     assert re.fullmatch(r"x=[1-9][0-9]?", text)
 
 
+BAD_SCHEMA = {"type": "object", "properties": {"n": {"type": "no-such-type"}}}
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"guided_regex": "[a-"}, "regex"),
-        ({"guided_grammar": "start: ("}, "grammar"),
-        ({"guided_regex": "a", "guided_choice": ["a"]}, "choice"),
-        ({"guided_json": "{nope"}, "json_schema"),
+        ({"guided_regex": "[a-"}, "guided_regex"),
+        ({"guided_regex": ""}, "guided_regex"),
+        ({"guided_grammar": "start: ("}, "guided_grammar"),
+        ({"guided_choice": ["a", ""]}, "guided_choice"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"guided_json": "{nope"}, "guided_json"),
+        ({"guided_json": BAD_SCHEMA}, "guided_json"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": BAD_SCHEMA}}},
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         (
@@ -80,8 +90,23 @@ def test_guided_grammar_streams_a_sentence(client: Client) -> None:
         ),
     ],
 )
-def test_bad_constraints_are_400(client: Client, body: dict[str, Any], param: str) -> None:
-    assert_error(chat(client, max_tokens=4, model=MODEL, **body), 400, param)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_constraints_are_400_naming_the_field_sent(
+    client: Client, body: dict[str, Any], param: str, stream: bool
+) -> None:
+    response = chat(client, max_tokens=4, model=MODEL, stream=stream, **body)
+    assert_error(response, 400, param)
+    message = response.json()["error"]["message"]
+    # The message speaks of the client's field, not the engine's SamplingParams name.
+    assert param.split(".", maxsplit=1)[0] in message
+    for engine_name in ("regex", "grammar", "choice", "json_schema"):
+        assert not re.match(rf"{engine_name}\b", message), message
+
+
+def test_bad_guided_regex_on_completions_names_guided_regex(client: Client) -> None:
+    response = completion(client, prompt="x", max_tokens=4, guided_regex="(")
+    assert_error(response, 400, "guided_regex")
+    assert response.json()["error"]["message"].startswith("guided_regex ")
 
 
 def _deep(depth: int) -> dict[str, Any]:
@@ -99,11 +124,11 @@ def _deep(depth: int) -> dict[str, Any]:
         ({"guided_json": "{" + " " * (64 * 1024) + "}"}, "guided_json"),
         ({"guided_choice": [str(i) for i in range(1025)]}, "guided_choice"),
         ({"guided_choice": ["a", "b" * 1025]}, "guided_choice[1]"),
-        ({"guided_json": {"enum": ["x" * 1000] * 70}}, "json_schema"),
-        ({"guided_json": _deep(150)}, "json_schema"),
+        ({"guided_json": {"enum": ["x" * 1000] * 70}}, "guided_json"),
+        ({"guided_json": _deep(150)}, "guided_json"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"schema": _deep(150)}}},
-            "json_schema",
+            "response_format.json_schema.schema",
         ),
     ],
 )
