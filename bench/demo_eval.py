@@ -1,6 +1,7 @@
 """Held-out accuracy of the demo zoo through the engine (greedy), and draft acceptance.
 
     python bench/demo_eval.py [--models models] [--limit 200] [--constrained off|on|both]
+                              [--adapters-only] [--tasks extract,joiner]
 
 Prints one JSON object. Per model (demo-base, demo-large, each adapter merged into demo-base):
 router accuracy, extract exact match (parsed JSON equal), planner parse rate / exact match /
@@ -209,11 +210,12 @@ def evaluate_zoo(
     *,
     constrained: str = "off",
     adapters_only: bool = False,
+    only: tuple[str, ...] = tasks.TASKS,
 ) -> dict:
     """Figures for the base, large, draft and adapter models under `models`.
 
     `constrained` is off, on or both (see the module docstring); `adapters_only` skips the
-    three bare models and the acceptance measurement.
+    three bare models and the acceptance measurement; `only` names the adapters evaluated.
     """
     world = generate_world(0)
     engine = Engine(device="cpu")
@@ -233,6 +235,7 @@ def evaluate_zoo(
             limit=limit,
             world=world,
             modes=modes,
+            only=only,
         )
         if not adapters_only:
             results["acceptance"] = acceptance(
@@ -256,12 +259,14 @@ def _evaluate_bare(engine, results, *, models, data, limit, world, modes) -> Non
             results[_key(name, c)] = evaluate_model(engine, name, data, limit, world, constrained=c)
 
 
-def _evaluate_adapters(engine, results, *, models, data, merged, limit, world, modes) -> None:
+def _evaluate_adapters(
+    engine, results, *, models, data, merged, limit, world, modes, only=tasks.TASKS
+) -> None:
     from models.finetune import merge_adapter
 
     for task in tasks.TASKS:
         adapter = models / "adapters" / task
-        if not (adapter / "adapter_config.json").is_file():
+        if task not in only or not (adapter / "adapter_config.json").is_file():
             continue
         path = merge_adapter(models / "demo-base", adapter, merged / task)
         engine.load_model(f"demo-base-{task}", path, dtype="float32", max_model_len=512)
@@ -280,6 +285,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="examples per task")
     parser.add_argument("--constrained", choices=sorted(MODES), default="off")
     parser.add_argument("--adapters-only", action="store_true", help="skip the bare models")
+    parser.add_argument(
+        "--tasks", default=",".join(tasks.TASKS), help="adapters to evaluate (comma-separated)"
+    )
     ns = parser.parse_args()
     models = Path(ns.models)
     data = Path(ns.data) if ns.data else models / ".build" / "data"
@@ -290,8 +298,17 @@ def main() -> None:
         ns.limit,
         constrained=ns.constrained,
         adapters_only=ns.adapters_only,
+        only=_task_list(ns.tasks),
     )
     print(json.dumps(results, indent=2))
+
+
+def _task_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(set(names) - set(tasks.TASKS))
+    if unknown:
+        raise SystemExit(f"unknown tasks {unknown}; choose from {', '.join(tasks.TASKS)}")
+    return names
 
 
 if __name__ == "__main__":
