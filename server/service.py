@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 STARTUP_ACTOR = "startup"
 
+# `name@<digits>`: a stored version (an int column) or, from 4 digits on, maybe a short sha.
+MAX_VERSION_DIGITS = 9
+MIN_SHORT_SHA = 4
+
 
 class PipelineService:
     """Pipelines and runs over one store, one set of backends and tools, one catalog."""
@@ -199,7 +203,9 @@ class PipelineService:
             )
         name, label = split_ref(ref)
         if label is not None and label.isdigit():
-            return Resolved.of(self.store.get_pipeline(name, int(label)), ref)
+            stored = self._stored_version(name, label)
+            if stored is not None:
+                return stored
         if self.registry is None:
             record = self.store.resolve(ref) if label else self.store.get_pipeline(name)
             return Resolved.of(record, ref)
@@ -212,6 +218,21 @@ class PipelineService:
         if found is not None:
             return found
         return Resolved.of(self.store.resolve(ref) if label else self.store.get_pipeline(name), ref)
+
+    def _stored_version(self, name: str, label: str) -> Resolved | None:
+        """`name@<digits>` as stored version n; None where git should try it as a short sha.
+
+        Git abbreviates commits to hex, so a short sha may be all digits (`406893646`): when no
+        such version is stored and a repository is configured, the caller asks git next."""
+        version = int(label) if len(label) <= MAX_VERSION_DIGITS else None
+        try:
+            if version is None:
+                raise PipelineNotFoundError(name, reason=f"no version {label[:32]}")
+            return Resolved.of(self.store.get_pipeline(name, version), f"{name}@{label}")
+        except PipelineNotFoundError:
+            if self.registry is None or len(label) < MIN_SHORT_SHA:
+                raise
+            return None
 
     def _stored_or(self, ref: str, missing: PipelineNotFoundError) -> Resolved:
         """A stored version matching `ref`, else `missing` (which says why git did not).

@@ -225,6 +225,22 @@ def test_history_rewrites_old_commits_stay_runnable_or_say_they_are_gone(
     assert unused in message and "not in the repository" in message
 
 
+def test_a_short_sha_made_of_digits_names_a_commit_not_a_version(
+    client: Client, repo: Repo
+) -> None:
+    # git abbreviates to hex, so about 1 commit in 27 has 7 leading decimal digits
+    for i in range(400):
+        sha = repo.commit(f"commit {i}", **{"calc.yaml": calc_spec(NAME, f"{i} + 1")})
+        if sha[:7].isdigit():
+            break
+    else:
+        pytest.fail("no commit with a 7-digit prefix in 400 tries")
+    reload(client)
+    answer = run(client, f"{NAME}@{sha[:7]}")
+    assert answer["outputs"] == {"value": i + 1} and answer["commit"] == sha
+    assert run(client, f"{NAME}@1")["outputs"] == {"value": 2}  # short digits: stored version 1
+
+
 def test_concurrent_runs_of_two_versions(client: Client, repo: Repo) -> None:
     repo.commit("second", **{"calc.yaml": calc_spec(NAME, "2 + 2")})
     reload(client)
