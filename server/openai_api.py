@@ -52,6 +52,9 @@ ERRORS = {
 }
 
 
+PIPELINE_OWNER = "compound-pipeline"  # `owned_by` of pipelines listed as chat models
+
+
 class OpenAIController(Controller):
     """`/v1/completions`, `/v1/chat/completions` and `/v1/models`, in OpenAI's shapes."""
 
@@ -59,8 +62,11 @@ class OpenAIController(Controller):
     tags = ("openai",)
 
     @get("/models")
-    async def list_models(self, engine: NamedDependency[Engine]) -> ModelList:
-        """The models the engine has loaded, and their known LoRA adapters (`base:adapter`)."""
+    async def list_models(
+        self, engine: NamedDependency[Engine], pipelines: NamedDependency[PipelineService]
+    ) -> ModelList:
+        """The models the engine has loaded, their known LoRA adapters (`base:adapter`), and
+        the pipelines that answer chat completions (`f1`; owned by `compound-pipeline`)."""
         now = int(time.time())
         cards = [ModelCard(id=name, created=now) for name in engine.model_names()]
         cards += [
@@ -68,6 +74,8 @@ class OpenAIController(Controller):
             for a in engine.adapters()
             if not a.unloading
         ]
+        chat = await asyncio.to_thread(pipelines.chat_models)
+        cards += [ModelCard(id=name, created=now, owned_by=PIPELINE_OWNER) for name in chat]
         return ModelList(data=cards)
 
     # Annotated as Response so that a Stream keeps its own media type; `responses` documents it.

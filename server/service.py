@@ -8,6 +8,7 @@ async and hands off to the `RunManager`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -313,6 +314,10 @@ class PipelineService:
         resolved = self.resolve(_ref(name, version))
         return _explained(resolved.record, self.plan_resolved(resolved), fmt, analyze=None)
 
+    def chat_models(self) -> list[str]:
+        """Names of the pipelines whose served version is a chat endpoint (`GET /v1/models`)."""
+        return [r.name for r in self.latest_pipelines() if _is_chat(r.spec_text, r.spec_format)]
+
     def latest_pipelines(self) -> list[PipelineRecord]:
         """The version `name` serves, per pipeline: the branch's for git pipelines (an old
         commit resolved late is stored with a higher number, but does not become latest)."""
@@ -460,6 +465,12 @@ class PipelineService:
 def _ref(name: str, version: int | None) -> str:
     """`name@version` when a version number is given, else `name` as written (maybe name@ref)."""
     return f"{split_ref(name)[0]}@{version}" if version is not None else name
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_chat(spec_text: str, spec_format: str) -> bool:
+    """Whether a stored spec has a `chat` section (stored specs are valid; cached by content)."""
+    return load_spec(spec_text, fmt=spec_format).chat is not None  # type: ignore[arg-type]
 
 
 def _sniff(text: bytes) -> str:

@@ -65,6 +65,12 @@ def test_a_chat_pipeline_answers_a_chat_completion(client: TestClient) -> None:
     assert again.json()["choices"][0]["message"]["content"] == "20 True"
 
 
+def test_chat_pipelines_are_listed_as_models(client: TestClient) -> None:
+    chat, plain = register(client), register(client, chat=False)
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert cards[chat]["owned_by"] == "compound-pipeline" and plain not in cards
+
+
 def test_streamed_answer_and_step_events(client: TestClient) -> None:
     name = register(client)
     body = {"model": name, "messages": MESSAGES, "stream": True, "compound": {"events": True}}
