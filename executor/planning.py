@@ -12,8 +12,8 @@ earlier rounds (`plan.rounds`). Tools are called only through the registry, whic
 their arguments.
 
 Every planner call, tool call and joiner call is reported as a step of its own,
-`<step>.<round>.planner`, `<step>.<round>.<line>`, `<step>.<round>.joiner`, so the run's
-trace shows the dynamic DAG.
+`<step>.<round>.planner`, `<step>.<round>.<line>`, `<step>.<round>.joiner` (from the step's
+second attempt `<step>.a<N>.<round>....`), so the run's trace shows the dynamic DAG.
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ class _Rounds:
         planner: str | None = None,
     ) -> None:
         self.ctx, self.env, self.run_, self.scope = ctx, env, run, scope
+        attempt = run.tally.attempts  # the policy sets it before each attempt
+        self.attempt_prefix = f"a{attempt}." if attempt > 1 else ""
         self.spec: PlanSpec = run.step.plan
         self.planner = self.spec.planner
         if planner is not None:  # a fallback's planner model alias
@@ -343,7 +345,7 @@ class _Rounds:
     ) -> ModelResult:
         """A model call under its model's slot, charged to the step, reported as `sub`."""
         run, ctx = self.run_, self.ctx
-        sid = f"{run.name}.{sub}"
+        sid = self._sid(sub)
         run.tally.model = run.tally.model or call.target
         started = self._event_started(sub)
 
@@ -367,9 +369,15 @@ class _Rounds:
         ctx.charge(run.tally, result, step=run.name, step_limit=budget)
         return result
 
+    def _sid(self, sub: str) -> str:
+        """The trace id of a sub-step: `<step>.<round>.<what>`, and from the step's second
+        attempt (a retry or a fallback planner) `<step>.a<N>.<round>.<what>`, so an attempt
+        never overwrites an earlier attempt's rows."""
+        return f"{self.run_.name}.{self.attempt_prefix}{sub}"
+
     def _event_started(self, sub: str) -> float:
         ctx = self.ctx
-        ctx.emit(events.StepStarted(run_id=ctx.run_id, step=f"{self.run_.name}.{sub}", attempt=1))
+        ctx.emit(events.StepStarted(run_id=ctx.run_id, step=self._sid(sub), attempt=1))
         return time.time()
 
     def _event_finished(
@@ -379,7 +387,7 @@ class _Rounds:
         ctx.emit(
             events.StepFinished(
                 run_id=ctx.run_id,
-                step=f"{self.run_.name}.{sub}",
+                step=self._sid(sub),
                 output=output,
                 started_at=started,
                 finished_at=time.time(),
@@ -391,11 +399,7 @@ class _Rounds:
 
     def _event_failed(self, sub: str, error: str) -> None:
         ctx = self.ctx
-        ctx.emit(
-            events.StepFailed(
-                run_id=ctx.run_id, step=f"{self.run_.name}.{sub}", error=error, attempts=1
-            )
-        )
+        ctx.emit(events.StepFailed(run_id=ctx.run_id, step=self._sid(sub), error=error, attempts=1))
 
 
 class _LineFeed:

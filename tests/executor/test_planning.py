@@ -307,3 +307,9 @@ async def test_a_fallback_planner_gets_fresh_rounds(tools: ToolRegistry) -> None
     assert [c.target for c in model.calls] == [PLANNER, PLANNER, BACKUP, JOINER]
     retried = [e for e in found if isinstance(e, events.StepRetried)]
     assert [(e.step, e.attempt) for e in retried] == [("answer", 2)]
+    # the fallback's sub-steps are its own rows of the trace, not the first attempt's again
+    finished = [e.step for e in found if isinstance(e, events.StepFinished)]
+    assert {"answer.a2.1.planner", "answer.a2.1.1", "answer.a2.1.joiner"} <= set(finished)
+    failed = {e.step for e in found if isinstance(e, events.StepFailed)}
+    assert failed == {"answer.1.plan", "answer.2.plan"}  # the first attempt's rejected plans
+    assert not failed & set(finished), failed
