@@ -41,6 +41,7 @@ from planner.plan_format import (
     Ref,
     parse_line,
     question_names,
+    ref_notes,
     result_text,
     substitute,
 )
@@ -65,8 +66,10 @@ class Task:
     output: Any = None
     error: str | None = None
 
-    def view(self) -> dict[str, Any]:
-        """What joiner and replanner templates see of a task."""
+    def view(self, lookups: dict[int, tuple[str, str]]) -> dict[str, Any]:
+        """What joiner and replanner templates see of a task; `notes` names what a calc's `$K`
+        stand for (`ref_notes`, as in models.tasks.joiner_user, which the joiner trained on)."""
+        expression = self.step.args.get("expression") if self.step.tool == "calc" else None
         return {
             "index": self.step.index,
             "tool": self.step.tool,
@@ -75,6 +78,7 @@ class Task:
             "output": self.output,
             "output_text": None if self.error else result_text(self.output),
             "error": self.error,
+            "notes": ref_notes(expression, lookups) if isinstance(expression, str) else "",
         }
 
 
@@ -94,6 +98,15 @@ class Round:
         """The plan as written so far (valid lines only)."""
         return "\n".join(self.lines)
 
+    def views(self) -> list[dict[str, Any]]:
+        """Every task's view, calc notes resolved against the round's finished lookups."""
+        lookups = {
+            n: (str(t.inputs["entity"]), result_text(t.output))
+            for n, t in self.tasks.items()
+            if t.step.tool == "kb.lookup" and t.error is None and t.inputs and "entity" in t.inputs
+        }
+        return [t.view(lookups) for t in self.tasks.values()]
+
     def summary(self) -> dict[str, Any]:
         """What the next round's planner sees of this one."""
         return {
@@ -101,7 +114,7 @@ class Round:
             "text": self.text,
             "error": self.error,
             "answer": self.answer,
-            "tasks": [t.view() for t in self.tasks.values()],
+            "tasks": self.views(),
         }
 
 
@@ -313,7 +326,7 @@ class _Rounds:
             "round": current.number,
             "rounds": history,
             "text": current.text,
-            "tasks": [t.view() for t in current.tasks.values()],
+            "tasks": current.views(),
         }
         call = self._call(self.spec.joiner, plan)
         if self.spec.constrain_answer:

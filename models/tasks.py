@@ -19,7 +19,15 @@ from collections.abc import Callable
 
 import msgspec
 
-from planner.plan_format import Plan, PlanStep, Ref, format_plan, result_text, substitute
+from planner.plan_format import (
+    Plan,
+    PlanStep,
+    Ref,
+    format_plan,
+    ref_notes,
+    result_text,
+    substitute,
+)
 from tools.calc import calc
 from tools.kb import World, generate_world
 from tools.kb.schema import SCHEMA
@@ -267,16 +275,22 @@ def final_answer(plan: Plan, results: dict[int, object], kind: str) -> str:
 def joiner_user(question: str, plan: Plan, results: dict[int, object]) -> str:
     """The joiner's prompt: the question, then one short line per plan step with its output.
 
-    A lookup reads `N. <entity> <field> = <output>`, a calc `N. calc <expression> = <output>`.
+    A lookup reads `N. <entity> <field> = <output>`, a calc `N. calc <expression> <notes> =
+    <output>`, the notes naming the entity and value each `$K` stands for (`ref_notes`);
+    executor/planning.py renders served prompts with the same notes.
     """
     lines = []
+    lookups: dict[int, tuple[str, str]] = {}
     for step in plan.steps:
         args = substitute(step.args, results)
+        output = result_text(results[step.index])
         if step.tool == "kb.lookup":
             what = f"{args['entity']} {args['field']}"
+            lookups[step.index] = (str(args["entity"]), output)
         else:
-            what = f"calc {step.args.get('expression', '')}"
-        lines.append(f"{step.index}. {what} = {result_text(results[step.index])}")
+            expression = str(step.args.get("expression", ""))
+            what = f"calc {expression}{ref_notes(expression, lookups)}"
+        lines.append(f"{step.index}. {what} = {output}")
     return f"Question: {question}\n" + "\n".join(lines)
 
 

@@ -193,6 +193,21 @@ def _substitute(value: Any, results: dict[int, Any]) -> Any:
     return value
 
 
+def ref_notes(expression: str, lookups: dict[int, tuple[str, str]]) -> str:
+    """What the `$K` of a calc expression stand for, as the joiner's prompt shows them.
+
+    `lookups` maps a lookup line's number to its entity and output text. A small joiner
+    answering "which" questions then compares values next to their names on one line
+    instead of tracing `$K` back through earlier lines. Calc lines have no entity: skipped.
+
+    >>> ref_notes("max($1, $2)", {1: ("Ukel", "12"), 2: ("Orn", "9")})
+    ' ($1 Ukel 12, $2 Orn 9)'
+    """
+    keys = dict.fromkeys(int(k) for k in _REF.findall(expression))
+    parts = [f"${k} {lookups[k][0]} {lookups[k][1]}" for k in keys if k in lookups]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def result_text(value: Any) -> str:
     """How an output reads inside a string argument or a joiner prompt (JSON, bare strings)."""
     return value if isinstance(value, str) else json.dumps(value)
