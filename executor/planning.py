@@ -66,10 +66,15 @@ class Task:
     output: Any = None
     error: str | None = None
 
+    def _notes(self, lookups: dict[int, tuple[str, str]]) -> str:
+        expression = self.step.args.get("expression") if self.step.tool == "calc" else None
+        if not isinstance(expression, str) or self.error is not None:
+            return ""
+        return ref_notes(expression, lookups, result_text(self.output))
+
     def view(self, lookups: dict[int, tuple[str, str]]) -> dict[str, Any]:
         """What joiner and replanner templates see of a task; `notes` names what a calc's `$K`
         stand for (`ref_notes`, as in models.tasks.joiner_user, which the joiner trained on)."""
-        expression = self.step.args.get("expression") if self.step.tool == "calc" else None
         return {
             "index": self.step.index,
             "tool": self.step.tool,
@@ -78,7 +83,7 @@ class Task:
             "output": self.output,
             "output_text": None if self.error else result_text(self.output),
             "error": self.error,
-            "notes": ref_notes(expression, lookups) if isinstance(expression, str) else "",
+            "notes": self._notes(lookups),
         }
 
 

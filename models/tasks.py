@@ -289,7 +289,7 @@ def joiner_user(question: str, plan: Plan, results: dict[int, object]) -> str:
             lookups[step.index] = (str(args["entity"]), output)
         else:
             expression = str(step.args.get("expression", ""))
-            what = f"calc {expression}{ref_notes(expression, lookups)}"
+            what = f"calc {expression}{ref_notes(expression, lookups, output)}"
         lines.append(f"{step.index}. {what} = {output}")
     return f"Question: {question}\n" + "\n".join(lines)
 
