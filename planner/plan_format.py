@@ -197,19 +197,20 @@ def ref_notes(expression: str, lookups: dict[int, tuple[str, str]], output: str)
     """What the `$K` of a calc expression stand for, as the joiner's prompt shows them.
 
     `lookups` maps a lookup line's number to its entity and output text; `output` is the
-    calc's own output text. A `$K` whose value is that output is marked `matches` (a min or
-    max picks one of its inputs). A small joiner answering "which" questions then reads the
+    calc's own output text. A `$K` whose value is that output is marked `matches` and listed
+    first (a min or max picks one of its inputs). A small joiner answering "which" questions then reads the
     entity next to the values on one line instead of tracing `$K` back through earlier lines
     and matching numbers. Calc lines have no entity: skipped.
 
-    >>> ref_notes("max($1, $2)", {1: ("Ukel", "12"), 2: ("Orn", "9")}, "12")
-    ' ($1 Ukel 12 matches, $2 Orn 9)'
+    >>> ref_notes("min($1, $2)", {1: ("Ukel", "12"), 2: ("Orn", "9")}, "9")
+    ' ($2 Orn 9 matches, $1 Ukel 12)'
     """
-    keys = dict.fromkeys(int(k) for k in _REF.findall(expression))
+    keys = [k for k in dict.fromkeys(int(k) for k in _REF.findall(expression)) if k in lookups]
+    # the matching $K first: a fixed place to copy the entity from, at the start of the notes
+    keys.sort(key=lambda k: lookups[k][1] != output)
     parts = [
         f"${k} {lookups[k][0]} {lookups[k][1]}" + (" matches" if lookups[k][1] == output else "")
         for k in keys
-        if k in lookups
     ]
     return f" ({', '.join(parts)})" if parts else ""
 
