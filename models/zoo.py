@@ -63,7 +63,7 @@ BUDGETS = {
         # 150 steps each left copying names weak (extract 0.025); extract still gained from
         # 3200 to 10400 steps (0.89 -> 0.975 constrained). These runs take 8-72 min of one shared
         # core each (bench/RESULTS.md, "Demo zoo").
-        adapter_steps={"router": 600, "extract": 10400, "planner": 1000, "joiner": 1000},
+        adapter_steps={"router": 600, "extract": 10400, "planner": 1000, "joiner": 2000},
         adapter_rank=dict.fromkeys(("router", "extract", "planner", "joiner"), 16),
     ),
     "fast": Budget(
