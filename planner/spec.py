@@ -100,7 +100,8 @@ class PlanSpec(Struct, **_STRUCT):
 
     Templates of `planner` and `joiner` see `plan`: `round`, `rounds` (earlier rounds: `text`,
     `error`, `answer`), and for the joiner `text` and `tasks` (each `index`, `tool`, `args` as
-    written, `inputs` with `$K` substituted, `output`, `output_text`).
+    written, `inputs` with `$K` substituted, `output`, `output_text`, and `notes`: for a calc,
+    what its `$K` stand for, `plan_format.ref_notes`).
     """
 
     planner: Generate
