@@ -41,13 +41,13 @@ DRAFT_TOKENS = 4
 TARGETS = {"router": 0.97, "extract": 0.95, "planner": 0.90, "joiner": 0.95, "acceptance": 0.7}
 
 
-def read_heldout(data: Path, task: str, limit: int) -> list[tasks.Example]:
-    """The first `limit` held-out examples of a task."""
+def read_heldout(data: Path, task: str, limit: int, split: str = "heldout") -> list[tasks.Example]:
+    """The first `limit` examples of a task's held-out (or validation) split."""
     from models.zoo import read_jsonl
 
-    file = data / f"{task}.heldout.jsonl"
+    file = data / f"{task}.{split}.jsonl"
     if not file.is_file():  # not built here: the same examples, generated from the same seed
-        return tasks.generate(task, "heldout", limit, generate_world(0))
+        return tasks.generate(task, split, limit, generate_world(0))
     return read_jsonl(file)[:limit]
 
 
@@ -143,11 +143,12 @@ def evaluate_model(
     *,
     only=None,
     constrained: bool = False,
+    split: str = "heldout",
 ) -> dict:
     """Every task's figures (or just `only`) for one loaded model."""
     figures = {}
     for task in only or tasks.TASKS:
-        examples = read_heldout(data, task, limit)
+        examples = read_heldout(data, task, limit, split)
         t0 = time.perf_counter()
         answers = generate(engine, model, examples, task, constrained=constrained)
         figures[task] = {
@@ -160,11 +161,13 @@ def evaluate_model(
     return figures
 
 
-def acceptance(engine: Engine, target: str, draft: str, data: Path, limit: int) -> dict:
+def acceptance(
+    engine: Engine, target: str, draft: str, data: Path, limit: int, *, split: str = "heldout"
+) -> dict:
     """Offline acceptance rate of `draft` against `target`'s greedy answers, per task and overall."""
     per_task, accepted_all, drafted_all = {}, 0, 0
     for task in tasks.TASKS:
-        examples = read_heldout(data, task, limit)
+        examples = read_heldout(data, task, limit, split)
         prompts = [prompt_ids(engine, target, e) for e in examples]
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[task])
         outs = engine.generate(prompts, params, model=target)
@@ -211,20 +214,29 @@ def evaluate_zoo(
     constrained: str = "off",
     adapters_only: bool = False,
     only: tuple[str, ...] = tasks.TASKS,
+    split: str = "heldout",
 ) -> dict:
     """Figures for the base, large, draft and adapter models under `models`.
 
     `constrained` is off, on or both (see the module docstring); `adapters_only` skips the
-    three bare models and the acceptance measurement; `only` names the adapters evaluated.
+    three bare models and the acceptance measurement; `only` names the adapters evaluated;
+    `split` is heldout (reported figures) or validation (for choosing between variants).
     """
     world = generate_world(0)
     engine = Engine(device="cpu")
-    results: dict = {"limit": limit, "constrained": constrained}
+    results: dict = {"limit": limit, "constrained": constrained, "split": split}
     modes = MODES[constrained]
     try:
         if not adapters_only:
             _evaluate_bare(
-                engine, results, models=models, data=data, limit=limit, world=world, modes=modes
+                engine,
+                results,
+                models=models,
+                data=data,
+                limit=limit,
+                world=world,
+                modes=modes,
+                split=split,
             )
         _evaluate_adapters(
             engine,
@@ -236,10 +248,11 @@ def evaluate_zoo(
             world=world,
             modes=modes,
             only=only,
+            split=split,
         )
         if not adapters_only:
             results["acceptance"] = acceptance(
-                engine, "demo-large", "demo-draft", data, min(limit, 100)
+                engine, "demo-large", "demo-draft", data, min(limit, 100), split=split
             )
     finally:
         engine.shutdown()
@@ -251,16 +264,18 @@ def _key(name: str, constrained: bool) -> str:
     return f"{name}+constrained" if constrained else name
 
 
-def _evaluate_bare(engine, results, *, models, data, limit, world, modes) -> None:
+def _evaluate_bare(engine, results, *, models, data, limit, world, modes, split) -> None:
     for name in ("demo-base", "demo-large", "demo-draft"):
         engine.load_model(name, models / name, dtype="float32", max_model_len=512)
     for name in ("demo-base", "demo-large", "demo-draft"):
         for c in modes:
-            results[_key(name, c)] = evaluate_model(engine, name, data, limit, world, constrained=c)
+            results[_key(name, c)] = evaluate_model(
+                engine, name, data, limit, world, constrained=c, split=split
+            )
 
 
 def _evaluate_adapters(
-    engine, results, *, models, data, merged, limit, world, modes, only=tasks.TASKS
+    engine, results, *, models, data, merged, limit, world, modes, only=tasks.TASKS, split="heldout"
 ) -> None:
     from models.finetune import merge_adapter
 
@@ -272,7 +287,14 @@ def _evaluate_adapters(
         engine.load_model(f"demo-base-{task}", path, dtype="float32", max_model_len=512)
         for c in modes:
             results[_key(f"demo-base:{task}", c)] = evaluate_model(
-                engine, f"demo-base-{task}", data, limit, world, only=[task], constrained=c
+                engine,
+                f"demo-base-{task}",
+                data,
+                limit,
+                world,
+                only=[task],
+                constrained=c,
+                split=split,
             )
         engine.unload_model(f"demo-base-{task}")
 
@@ -285,6 +307,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="examples per task")
     parser.add_argument("--constrained", choices=sorted(MODES), default="off")
     parser.add_argument("--adapters-only", action="store_true", help="skip the bare models")
+    parser.add_argument(
+        "--split",
+        choices=("heldout", "validation"),
+        default="heldout",
+        help="validation: the split for choosing between variants (held-out stays for figures)",
+    )
     parser.add_argument(
         "--tasks", default=",".join(tasks.TASKS), help="adapters to evaluate (comma-separated)"
     )
@@ -299,6 +327,7 @@ def main() -> None:
         constrained=ns.constrained,
         adapters_only=ns.adapters_only,
         only=_task_list(ns.tasks),
+        split=ns.split,
     )
     print(json.dumps(results, indent=2))
 

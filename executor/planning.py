@@ -39,6 +39,7 @@ from planner.plan_format import (
     PlanStep,
     PlanSyntaxError,
     Ref,
+    answer_choices,
     parse_line,
     question_names,
     ref_notes,
@@ -344,9 +345,10 @@ class _Rounds:
 
     def _answers(self, current: Round) -> list[str]:
         """What a constrained joiner may answer: the grounding's candidate names, the tasks'
-        output texts, or the replan marker."""
+        output texts (not for a "which" question among names: `answer_choices`), or the
+        replan marker."""
         values = [result_text(t.output) for t in current.tasks.values() if t.error is None]
-        found = [*question_names(self.grounding), *values, self.spec.replan_marker]
+        found = [*answer_choices(self.grounding, values), self.spec.replan_marker]
         return [a for a in dict.fromkeys(found) if a.strip()]
 
     # -- model calls and events ----------------------------------------------------------------

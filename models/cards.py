@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 USAGE = """## Prompt format
@@ -76,9 +77,13 @@ def write_cards(root: Path, build: Path) -> dict:
 def _train_line(train: dict) -> str:
     if not train:
         return "not trained yet"
+    threads = train.get("threads", 1)
+    loss = train.get("loss")
     return (
         f"{train['steps']} steps, {train['tokens']:,} tokens, {train['seconds'] / 60:.1f} min "
-        f"with 1 CPU thread on a shared 2-core machine (fp32), final loss {train['loss']:.3f}"
+        f"with {threads} CPU thread{'s' if threads > 1 else ''} of a {os.cpu_count()}-core machine "
+        f"({train.get('precision', 'float32')}), final loss "
+        + (f"{loss:.3f}" if loss is not None else "not recorded")
     )
 
 

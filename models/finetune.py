@@ -50,6 +50,7 @@ class FinetuneConfig:
     rows: int = 8
     seed: int = 0
     checkpoint_every: int = 50
+    precision: str | None = None  # auto, float32 or bf16 (None: TrainConfig's default)
     extra: dict = field(default_factory=dict)
 
 
@@ -144,6 +145,7 @@ def finetune(
         weight_decay=0.0,
         seed=cfg.seed,
         checkpoint_every=cfg.checkpoint_every,
+        **({"precision": cfg.precision} if cfg.precision else {}),
     )
     figures = train(
         model,

@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from models.tasks import INTENTS
-from planner.plan_format import plan_grammar, question_names
+from planner.plan_format import answer_choices, plan_grammar, question_names
 
 PLANNER_TOOLS = ("kb.lookup", "kb.search", "calc")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
@@ -96,10 +96,12 @@ def planner_constraint(question: str) -> dict[str, Any]:
 
 
 def joiner_constraint(user: str) -> dict[str, Any]:
-    """A choice of the question's names and the values shown after `=` in the results."""
+    """A choice of the question's names and the values shown after `=` in the results (only the
+    names for a "which" question among several: `planner.plan_format.answer_choices`, as the
+    served plan step constrains its joiner)."""
     question = user.split("\n", 1)[0].removeprefix("Question: ")
     values = [v.strip() for v in _RESULT.findall(user)]
-    return {"choice": tuple(dict.fromkeys([*question_names(question), *values]))}
+    return {"choice": answer_choices(question, values)}
 
 
 def task_constraint(task: str, user: str) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Every example is a chat: a one-word system line naming the task (the tag tells a small model
 which task it is doing), the user's text, and the assistant's answer. Splits come from different
-seeds (`SPLIT_SEEDS`); train examples whose prompt also occurs in the held-out split are dropped,
-so the splits are disjoint.
+seeds (`SPLIT_SEEDS`); train examples whose prompt also occurs in the held-out or validation
+split are dropped, so training never sees a prompt it is judged or tuned on.
 
     >>> from tools.kb import generate_world
     >>> ex = generate("router", "heldout", 1, generate_world(0))[0]
@@ -34,7 +34,7 @@ from tools.kb.schema import SCHEMA
 from tools.kb.world import _sentence
 
 TASKS = ("router", "extract", "planner", "joiner")
-SPLIT_SEEDS = {"train": 1, "heldout": 2}
+SPLIT_SEEDS = {"train": 1, "heldout": 2, "validation": 3}
 INTENTS = ("lookup", "compare", "calculate", "search", "describe", "extract", "chitchat")
 
 # Numeric fields a question may ask about: type -> (kb field alias, words in the question).
@@ -76,12 +76,14 @@ class Example(msgspec.Struct, frozen=True):
 
 
 def generate(task: str, split: str, n: int, world: World | None = None) -> list[Example]:
-    """`n` examples of `task` for `split` (train examples never repeat a held-out prompt)."""
+    """`n` examples of `task` for `split` (train never repeats a held-out or validation prompt)."""
     world = world or generate_world(0)
     make = GENERATORS[task]
     banned: set[str] = set()
-    if split == "train":
-        banned = {e.user for e in _draw(make, world, SPLIT_SEEDS["heldout"], task, 2000)}
+    # Model choices are made on validation, figures reported on held-out: train sees neither
+    # split's prompts, and validation none of held-out's.
+    for other in {"train": ("heldout", "validation"), "validation": ("heldout",)}.get(split, ()):
+        banned |= {e.user for e in _draw(make, world, SPLIT_SEEDS[other], task, 2000)}
     rng = random.Random(f"compound-tasks:{task}:{SPLIT_SEEDS[split]}")
     out: list[Example] = []
     while len(out) < n:

@@ -327,3 +327,27 @@ def question_names(question: str) -> tuple[str, ...]:
     for m in _CAPITALISED.finditer(question):
         found.setdefault(m[0], []).append(m.start())
     return tuple(word for word, at in found.items() if any(i not in starts for i in at))
+
+
+_WHICH = re.compile(r"\b(which|who)\b", re.IGNORECASE)
+_BOOLEANS = ("true", "false")
+
+
+def answer_choices(question: str, values: Sequence[str]) -> tuple[str, ...]:
+    """What a constrained joiner may answer: the question's names and the tasks' output texts
+    (`values`, in plan order, the final task's last).
+
+    Only the names when the answer can only be one of them: the question asks "which"/"who"
+    about two or more names and the final output is a comparison's `true`/`false`, which
+    cannot answer "which" itself. Any other "which" question keeps the values (a lookup's
+    country, a difference).
+
+    >>> answer_choices("Which is taller: Ukel or Orn?", ["12", "9", "true"])
+    ('Ukel', 'Orn')
+    >>> answer_choices("Which country are Ukel and Orn in?", ["Tarsa", "Tarsa"])
+    ('Ukel', 'Orn', 'Tarsa')
+    """
+    names = question_names(question)
+    if len(names) >= 2 and values and values[-1] in _BOOLEANS and _WHICH.search(question):
+        return names
+    return tuple(a for a in dict.fromkeys([*names, *values]) if a.strip())

@@ -299,6 +299,11 @@ def add_finetune(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: 2e-3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bf16"),
+        help="auto (default) times bf16 autocast against float32 on the first batch",
+    )
     parser.set_defaults(func=run_finetune)
 
 
@@ -318,6 +323,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         lr=args.lr,
         steps=args.steps,
         epochs=args.epochs,
+        precision=args.precision,
     )
     try:
         figures = finetune(args.base, args.data, args.out, cfg)

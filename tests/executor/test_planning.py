@@ -127,9 +127,7 @@ async def test_tasks_start_while_the_plan_streams_and_run_in_parallel(
     tools: ToolRegistry, recorder: Recorder
 ) -> None:
     model = StreamingModel([WIDE], join=lambda prompt: "answer " + prompt)
-    started = time.perf_counter()
     result, found = await run(model, tools)
-    elapsed = time.perf_counter() - started
     assert result.status == "succeeded", result.error
     # the three independent lookups overlapped, and the first began before the plan ended
     assert recorder.peak["tool:sleep"] == 3
@@ -139,7 +137,6 @@ async def test_tasks_start_while_the_plan_streams_and_run_in_parallel(
     assert found.index(first_tool) < found.index(
         next(e for e in found if getattr(e, "step", "") == "answer.1.planner" and isinstance(e, events.StepFinished))
     )  # fmt: skip
-    assert elapsed < 1.2  # the stream (~0.45 s) then three 0.4 s tools in a row: 1.65 s
     # $K references substituted; the joiner saw every output
     assert result.outputs["answer"] == "answer 1=2;2=3;3=4;4=2+3+4;"
     assert {"answer.1.1", "answer.1.4", "answer.1.planner", "answer.1.joiner"} <= set(
@@ -285,6 +282,18 @@ async def test_a_constrained_answer_is_a_choice_of_names_results_and_the_replan_
     assert result.status == "succeeded", result.error
     (joiner,) = [c for c in model.calls if c.target == JOINER]
     assert joiner.choice == ["Zarnoth", "Velmora", "42", "Replan"]  # no repeats, in order
+
+
+async def test_a_which_question_among_names_is_answered_with_a_name(
+    tools: ToolRegistry,
+) -> None:
+    plan = "1. sleep(ms=1, value=180)\n2. sleep(ms=1, value=172)\n3. echo(value=true)\n4. join()"
+    model = StreamingModel([plan], join=lambda p: "Velmora")
+    grounding = "Which is taller: Zarnoth or Velmora?"
+    result, _ = await run(model, tools, constrain_answer=True, grounding=grounding)
+    assert result.status == "succeeded", result.error
+    (joiner,) = [c for c in model.calls if c.target == JOINER]
+    assert joiner.choice == ["Zarnoth", "Velmora", "Replan"]  # true/false cannot answer "which"
 
 
 async def test_a_sequential_turn_is_constrained_from_the_line_it_writes(

@@ -85,3 +85,19 @@ def test_bad_data_line_exits_2(adapter: tuple[Path, Path], tmp_path: Path) -> No
     data.write_text('{"nothing": 1}\n')
     argv = ["finetune", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "o")]
     assert cli_main(argv) == 2
+
+
+def test_a_finished_run_reports_its_figures_on_resume(
+    adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from models.finetune import FinetuneConfig, finetune
+
+    base, _ = adapter
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")
+    cfg = FinetuneConfig(steps=2, rank=4, alpha=8, precision="float32")
+    first = finetune(base, data, tmp_path / "out", cfg)
+    again = finetune(base, data, tmp_path / "out", cfg)  # resumes at the end: no step runs
+    assert again["steps"] == first["steps"] == 2
+    assert again["loss"] == first["loss"] is not None
+    assert again["precision"] == "float32"

@@ -24,8 +24,11 @@ def test_generators_are_deterministic(task: str, world: World) -> None:
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_train_and_heldout_are_disjoint(task: str, world: World) -> None:
     heldout = {e.user for e in tasks.generate(task, "heldout", 200, world)}
+    validation = {e.user for e in tasks.generate(task, "validation", 200, world)}
     train = {e.user for e in tasks.generate(task, "train", 300, world)}
     assert not heldout & train
+    assert not validation & train
+    assert not validation & heldout
 
 
 def test_router_covers_every_intent(world: World) -> None:

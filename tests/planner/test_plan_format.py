@@ -102,3 +102,25 @@ def test_docstring_examples() -> None:
     result = doctest.testmod(planner.plan_format)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("question", "values", "want"),
+    [
+        (  # a comparison among two names: true/false and the numbers are no answer
+            "If Ukel's height grew 20% and Orn's shrank 10%, which would be larger?",
+            ["12", "9", "true"],
+            ("Ukel", "Orn"),
+        ),
+        ("In which year was Ukel founded?", ["1184"], ("Ukel", "1184")),  # one name: a value
+        ("What is the sum of the heights of Ukel and Orn?", ["12", "9", "21"],
+         ("Ukel", "Orn", "12", "9", "21")),
+        ("Who is taller, Ukel or Orn, and by how much?", ["12", "9", "3"],  # a number answers
+         ("Ukel", "Orn", "12", "9", "3")),
+        ("Is Ukel taller than Orn?", ["12", "9", "true"], ("Ukel", "Orn", "12", "9", "true")),
+    ],
+)  # fmt: skip
+def test_answer_choices(question: str, values: list[str], want: tuple[str, ...]) -> None:
+    from planner.plan_format import answer_choices
+
+    assert answer_choices(question, values) == want
