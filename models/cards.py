@@ -67,8 +67,10 @@ def write_cards(root: Path, build: Path) -> dict:
             continue
         merged = evals.get(f"demo-base:{task}", {})
         constrained = evals.get(f"demo-base:{task}+constrained", {})
+        notes = build / f"notes-adapters-{task}.md"
+        extra = f"\n## Build notes\n\n{notes.read_text().strip()}\n" if notes.is_file() else ""
         (root / "adapters" / task / "README.md").write_text(
-            adapter_card(task, figures, merged, constrained) + "\n"
+            adapter_card(task, figures, merged, constrained) + extra + "\n"
         )
         sizes[f"adapters/{task}"] = round(_size(root / "adapters" / task), 2)
     return {"sizes_mb": sizes, "total_mb": round(sum(sizes.values()), 2)}
