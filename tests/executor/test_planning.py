@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from executor import events
 from executor.backends import ModelCall, ModelResult
 from executor.run import execute
@@ -272,28 +274,31 @@ async def test_constrained_plans_carry_the_plan_grammar_to_the_backend(
     assert [c.grammar for c in model.calls] == [expected, expected]
 
 
+@pytest.mark.parametrize(
+    ("plan", "grounding", "answer", "choice"),
+    [
+        (  # names, then results without repeats, in order, then the replan marker
+            '1. echo(value="Velmora")\n2. sleep(ms=1, value=42)\n3. echo(value=$2)\n4. join()',
+            "Is Zarnoth taller than Velmora?",
+            "42",
+            ["Zarnoth", "Velmora", "42", "Replan"],
+        ),
+        (  # "which" among names, ending in true/false: only a name can answer
+            "1. sleep(ms=1, value=180)\n2. sleep(ms=1, value=172)\n3. echo(value=true)\n4. join()",
+            "Which is taller: Zarnoth or Velmora?",
+            "Velmora",
+            ["Zarnoth", "Velmora", "Replan"],
+        ),
+    ],
+)
 async def test_a_constrained_answer_is_a_choice_of_names_results_and_the_replan_marker(
-    tools: ToolRegistry,
+    tools: ToolRegistry, plan: str, grounding: str, answer: str, choice: list[str]
 ) -> None:
-    plan = '1. echo(value="Velmora")\n2. sleep(ms=1, value=42)\n3. echo(value=$2)\n4. join()'
-    model = StreamingModel([plan], join=lambda p: "42")
-    grounding = "Is Zarnoth taller than Velmora?"
+    model = StreamingModel([plan], join=lambda p: answer)
     result, _ = await run(model, tools, constrain_answer=True, grounding=grounding)
     assert result.status == "succeeded", result.error
     (joiner,) = [c for c in model.calls if c.target == JOINER]
-    assert joiner.choice == ["Zarnoth", "Velmora", "42", "Replan"]  # no repeats, in order
-
-
-async def test_a_which_question_among_names_is_answered_with_a_name(
-    tools: ToolRegistry,
-) -> None:
-    plan = "1. sleep(ms=1, value=180)\n2. sleep(ms=1, value=172)\n3. echo(value=true)\n4. join()"
-    model = StreamingModel([plan], join=lambda p: "Velmora")
-    grounding = "Which is taller: Zarnoth or Velmora?"
-    result, _ = await run(model, tools, constrain_answer=True, grounding=grounding)
-    assert result.status == "succeeded", result.error
-    (joiner,) = [c for c in model.calls if c.target == JOINER]
-    assert joiner.choice == ["Zarnoth", "Velmora", "Replan"]  # true/false cannot answer "which"
+    assert joiner.choice == choice
 
 
 async def test_a_sequential_turn_is_constrained_from_the_line_it_writes(
