@@ -2,10 +2,12 @@
 
 Stages run in order and each is resumable: a finished stage leaves `models/.build/<stage>.json`
 (its figures) and is skipped next time; an interrupted training stage resumes from its last
-checkpoint. Pretraining uses `--threads` torch threads; the adapters train `--jobs` at a time
-(one process and one thread each). `models/.build/build.json` adds up the wall times of the
-finished stages (each stage's own figure: a stage interrupted and rerun counts its last run). Stages: data (task examples, tokenizer), demo-base, demo-large, demo-draft,
+checkpoint. Stages: data (task examples, tokenizer), demo-base, demo-large, demo-draft,
 adapters, eval (bench/demo_eval.py figures), cards (model cards).
+
+Pretraining uses `--threads` torch threads; the adapters train `--jobs` at a time (one process
+and one thread each). `models/.build/build.json` adds up the wall times of the finished stages
+(each stage's own figure: a stage interrupted and rerun counts its last run).
 """
 
 from __future__ import annotations

@@ -59,13 +59,15 @@ BUDGETS = {
         train_examples={"router": 8000, "extract": 16000, "planner": 24000, "joiner": 16000},
         heldout_examples=200,
         world_variants=4,
+        # 12.3M tokens: copying invented names and numbers, which every task needs, only starts
+        # around 6-7M (2900 steps, 5.9M tokens, left bare demo-base at planner 0.435).
         base_steps=6000,
         large_steps=40,
         draft_steps=50,
         # 150 steps each left copying names weak (extract 0.025); extract still gained from
         # 3200 to 10400 steps (0.89 -> 0.975 constrained). Adapters train two at a time, longest
-        # first: extract on one core, the other three (joiner's "which would be larger" mapping
-        # still gaining at 2000 steps) together on the other (bench/RESULTS.md, "Demo zoo").
+        # first: extract on one core, the other three on the other, where joiner's 4000 steps
+        # cost no wall time (bench/RESULTS.md, "Demo zoo: one rebuild from seeds").
         adapter_steps={"router": 600, "extract": 10400, "planner": 1000, "joiner": 4000},
         adapter_rank=dict.fromkeys(("router", "extract", "planner", "joiner"), 16),
     ),
